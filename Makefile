@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make book` and `make test` (see README.md).
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip -q --disable-pip-version-check
+STAMP   := .venv/.installed
+
+.PHONY: venv book test test-lib test-notebooks models clean
+
+venv: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+book: venv
+	.venv/bin/jupyter-book build . --path-output . -W -n --keep-going
+	@echo "open _build/html/index.html"
+
+test: test-lib test-notebooks
+
+test-lib: venv
+	$(PY) -m pytest tests -q
+
+# every chapter under the tiny profile; only cells marked NBVAL_CHECK_OUTPUT compare outputs
+test-notebooks: venv
+	SPECDEC_PROFILE=tiny $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider chapters -q
+
+models: venv
+	$(PY) -m specdec_lib.models fetch
+
+clean:
+	rm -rf _build .venv

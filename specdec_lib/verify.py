@@ -1,0 +1,92 @@
+"""The one verifier: which draft nodes does the target accept, and what token comes next?
+
+Input: a Draft (chain or tree) and the target's logits for the verify rows, [N + 1, V]
+(row 0 = after the root, row i + 1 = after node i). Output: the accepted path (node indices,
+root to deepest accepted node) and the bonus token drawn at the end of it.
+
+Greedy: follow the child whose token is the target's argmax; stop when none matches; the
+bonus is that argmax. The output is then exactly the target's greedy output.
+
+Sampling (Leviathan et al. 2023; Chen et al. 2023; for trees SpecInfer, Miao et al. 2023):
+at the current node with target distribution p, try its children in order. Child c, with
+token x drawn from q_c, is accepted with probability min(1, p(x) / q_c(x)). On rejection
+p <- normalise(max(0, p - q_c)) and the next sibling is tried against that residual. If
+every child is rejected the bonus is drawn from the final residual. q_c is the distribution
+node c was actually drawn from: for siblings drawn without replacement (top-k trees) the
+proposer gives each sibling q with the earlier siblings removed and renormalised (Recursive
+Speculative Decoding, Jeon et al. 2024). A proposer that picks tokens deterministically
+(n-gram, suffix, greedy drafts) gives q = None, which means one-hot at its token: then a
+rejected token is simply removed from p. tests/test_verify.py checks the output distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import SamplingParams, probs_from_logits, sample
+from .tree import Draft, children
+
+
+@dataclass
+class Accepted:
+    path: list[int]     # accepted node indices, root to leaf (empty: nothing accepted)
+    tokens: list[int]   # their tokens
+    bonus: int          # the token the target emits after them
+
+    @property
+    def emitted(self) -> list[int]:
+        return self.tokens + [self.bonus]
+
+
+def verify_greedy(draft: Draft, logits: torch.Tensor) -> Accepted:
+    """logits [N + 1, V]. One device -> host copy: the argmax of every row."""
+    best = logits.argmax(-1).tolist()  # [N + 1]
+    tokens = draft.tokens.tolist()
+    kids = children(draft.parents)
+    path, row = [], 0          # row 0 = the root
+    node = -1
+    while True:
+        match = next((c for c in kids.get(node, []) if tokens[c] == best[row]), None)
+        if match is None:
+            return Accepted(path, [tokens[i] for i in path], best[row])
+        path.append(match)
+        node, row = match, match + 1
+
+
+def verify_sampling(draft: Draft, logits: torch.Tensor, params: SamplingParams,
+                    generator: torch.Generator | None) -> Accepted:
+    """Recursive rejection sampling over a chain or a tree; see the module docstring."""
+    p_rows = probs_from_logits(logits, params)  # [N + 1, V]
+    tokens = draft.tokens.tolist()
+    kids = children(draft.parents)
+    path, node, p = [], -1, p_rows[0]
+    while True:
+        for c in kids.get(node, []):
+            x = tokens[c]
+            if draft.q is None:
+                q = torch.zeros_like(p)
+                q[x] = 1.0
+            else:
+                q = draft.q[c].to(p)
+            u = torch.rand((), generator=generator, device=generator.device if generator else p.device)
+            if float(q[x]) > 0 and float(u) * float(q[x]) < float(p[x]):   # u < p(x) / q(x)
+                path.append(c)
+                node, p = c, p_rows[c + 1]
+                break
+            residual = (p - q).clamp_min(0)
+            total = residual.sum()
+            # subtle: a zero residual means p == q, where acceptance was certain; keep p to be safe.
+            p = residual / total if float(total) > 0 else p
+        else:  # every child rejected (or a leaf): draw the bonus from what is left
+            bonus = int(sample(p, generator))
+            return Accepted(path, [tokens[i] for i in path], bonus)
+
+
+def verify(draft: Draft, logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> Accepted:
+    if logits.shape[0] != len(draft) + 1:
+        raise ValueError(f"need {len(draft) + 1} logit rows for a {len(draft)}-node draft, got {logits.shape[0]}")
+    if params.greedy:
+        return verify_greedy(draft, logits)
+    return verify_sampling(draft, logits, params, generator)

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from specdec_lib.models import TINY_TARGET, TINY_DRAFT, EOS_IDS
+from specdec_lib.qwen2 import random_model
+
+
+@pytest.fixture(scope="session")
+def tiny_target():
+    return random_model(TINY_TARGET, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft():
+    return random_model(TINY_DRAFT, seed=1)
+
+
+def to_transformers(model):
+    """The same weights in transformers' Qwen2ForCausalLM (the reference we must agree with)."""
+    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+    c = model.config
+    hf_config = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta,
+                         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+                         max_position_embeddings=c.max_position_embeddings, attn_implementation="eager")
+    hf = Qwen2ForCausalLM(hf_config).to(model.dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts():
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(0, 5000, (n,), generator=g).tolist() for n in (1, 7, 30)]

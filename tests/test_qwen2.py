@@ -1,0 +1,115 @@
+"""Our Qwen2 forward agrees with transformers' Qwen2ForCausalLM on the same weights."""
+import os
+
+import pytest
+import torch
+
+from specdec_lib.qwen2 import KVCache
+from specdec_lib.tree import chain_inputs, step_inputs, root_to_leaf_paths
+from tests.conftest import to_transformers
+
+TOL = 1e-4  # float32
+
+
+def run(model, cache, ids, parents=None, kv_len=None, hidden_layers=()):
+    """Feed ids after the cache's current contents (a chain unless parents is given)."""
+    ids = torch.as_tensor(ids)[None]
+    if parents is None:
+        pos, slots, mask = chain_inputs(cache.length, ids.shape[1], kv_len)
+    else:
+        pos, slots, mask = step_inputs(cache.length, torch.as_tensor(parents), kv_len)
+    return model(ids, pos, cache, mask, slots, hidden_layers)
+
+
+@torch.no_grad()
+def check_against_transformers(model, hf, seq):
+    ref = hf(torch.tensor([seq])).logits[0]
+    # prefill everything but the last 5 tokens, then 5 one-token steps
+    cache = model.new_cache(64)
+    logits, _ = run(model, cache, seq[:-5])
+    cache.length = len(seq) - 5
+    steps = [logits[0]]
+    for i in range(len(seq) - 5, len(seq)):
+        out, _ = run(model, cache, [seq[i]])
+        cache.length += 1
+        steps.append(out[0])
+    ours = torch.cat(steps)
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_prefill_and_steps_match_transformers(tiny_target):
+    hf = to_transformers(tiny_target)
+    g = torch.Generator().manual_seed(0)
+    check_against_transformers(tiny_target, hf, torch.randint(0, 151936, (40,), generator=g).tolist())
+
+
+def test_hidden_states_match_transformers(tiny_target):
+    hf = to_transformers(tiny_target)
+    seq = list(range(100, 120))
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq]), output_hidden_states=True).hidden_states
+        n = tiny_target.config.num_hidden_layers
+        _, hidden = run(tiny_target, tiny_target.new_cache(32), seq, hidden_layers=(0, 1, n, -1))
+    for layer in (0, 1, n):
+        assert (hidden[layer][0] - ref[layer][0]).abs().max().item() <= TOL
+    assert torch.equal(hidden[-1], hidden[n])
+
+
+@torch.no_grad()
+def test_tree_step_matches_each_path(tiny_target):
+    """One forward over a tree == transformers over prefix + each root-to-leaf path on its own."""
+    hf = to_transformers(tiny_target)
+    prefix = list(range(500, 512))
+    root = 777
+    tokens = [11, 12, 13, 14, 15, 16]
+    parents = [-1, 0, 0, -1, 3, 1]   # root -> 11 -> {12 -> 16, 13}; root -> 14 -> 15
+    cache = tiny_target.new_cache(64)
+    run(tiny_target, cache, prefix)
+    cache.length = len(prefix)
+    # verify rows: 0 = root, i + 1 = node i
+    logits, _ = tiny_target(*_tree_call(cache, root, tokens, parents))
+    for path in root_to_leaf_paths(torch.tensor(parents)):
+        seq = prefix + [root] + [tokens[i] for i in path]
+        ref = hf(torch.tensor([seq])).logits[0, len(prefix):]
+        ours = logits[0, [0] + [i + 1 for i in path]]
+        assert (ours - ref).abs().max().item() <= TOL
+
+
+def _tree_call(cache, root, tokens, parents):
+    pos, slots, mask = step_inputs(cache.length, torch.tensor(parents))
+    ids = torch.tensor([[root] + tokens])
+    return ids, pos, cache, mask, slots
+
+
+@torch.no_grad()
+def test_static_kv_len_gives_same_logits(tiny_target):
+    """Attending over the whole cache (static shapes, for CUDA graphs) changes nothing."""
+    seq = list(range(40, 60))
+    a, _ = run(tiny_target, tiny_target.new_cache(64), seq)
+    b, _ = run(tiny_target, tiny_target.new_cache(64), seq, kv_len=64)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_real_1_5b_matches_transformers():
+    """The real Qwen2.5-Coder-1.5B (from `make models`) against transformers, float32."""
+    from specdec_lib.models import gguf_path
+    path = gguf_path("target")
+    if not path.exists():
+        pytest.skip(f"{path.name} not present: run `make models` to include the real 1.5B")
+    from transformers import AutoModelForCausalLM
+    from specdec_lib.qwen2 import from_transformers
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ours = from_transformers(hf, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 151000, (24,), generator=g).tolist()
+    check_against_transformers(ours, hf, seq)
+    with torch.no_grad():
+        cache = ours.new_cache(64)
+        run(ours, cache, seq[:16])
+        cache.length = 16
+        parents = [-1, 0, -1, 2]
+        tokens = seq[17:21]
+        logits, _ = ours(*_tree_call(cache, seq[16], tokens, parents))
+        for path in root_to_leaf_paths(torch.tensor(parents)):
+            ref = hf(torch.tensor([seq[:17] + [tokens[i] for i in path]])).logits[0, 16:]
+            assert (logits[0, [0] + [i + 1 for i in path]] - ref).abs().max().item() <= TOL
