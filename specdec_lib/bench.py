@@ -35,6 +35,9 @@ def to_transformers(model):
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(cfg)
     hf.load_state_dict(model.state_dict(), strict=False, assign=True)
+    # buffers are not in the state_dict: rebuild the rotary embedding's inv_freq off the meta device
+    with torch.device(model.device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
     if c.tie_word_embeddings:
         hf.tie_weights()
     return hf.to(model.dtype).eval()

@@ -73,3 +73,14 @@ def load_prompt_set(name: str, tokenizer, limit: int | None = None) -> list[Prom
     if kind == "qwen7b_greedy":
         return qwen7b_greedy(arg or "eval60", limit)
     raise ValueError(f"unknown prompt set {name!r}: use spec_bench[:category] or qwen7b_greedy[:eval60|train300]")
+
+
+def grounded(tokenizer, limit: int | None = None) -> list[Prompt]:
+    """Input-grounded prompts (data/grounded/, chapter 3): edit a code file or quote a document
+    given in the prompt, so the answer mostly copies the prompt. Prompt set name: "grounded"."""
+    folder = DATA_DIR / "grounded"
+    out = []
+    for r in _jsonl(folder / "prompts.jsonl"):
+        text = r["instruction"].replace("{document}", (folder / r["file"]).read_text())
+        out.append(Prompt(r["prompt_id"], r["category"], chat_ids(tokenizer, text), text))
+    return out[:limit]

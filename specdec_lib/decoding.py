@@ -78,22 +78,25 @@ def _sync(device) -> None:
 @torch.inference_mode()
 def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_ids=(), max_len: int | None = None,
-             forward: Callable | None = None, kv_len: int | None = None,
+             forward: Callable | None = None, kv_len: int | None = None, cache=None,
              prompt_id="0") -> GenerationResult:
     """Generate up to max_new_tokens after prompt_ids with target, speculating with proposer.
 
     forward: optional replacement for target.forward with the same signature (e.g. a CUDA-graph
-    runner); kv_len: attend over this many cache slots every step (static shapes) instead of L + T.
+    runner); kv_len: attend over this many cache slots every step (static shapes) instead of L + T;
+    cache: reuse this KVCache (a CUDA-graph runner owns one) instead of allocating one.
     """
     params = SamplingParams(temperature, top_p)
-    max_len = max_len or (len(prompt_ids) + max_new_tokens + 64)
+    max_len = cache.max_len if cache is not None else (max_len or (len(prompt_ids) + max_new_tokens + 64))
     prompt = check_prompt(prompt_ids, max_new_tokens, max_len)
     forward = forward or target.forward
     device = target.device
     eos = set(int(e) for e in eos_ids)
     generator = torch.Generator(device=device).manual_seed(seed)
     layers = tuple(getattr(proposer, "hidden_layers", ()))
-    cache = target.new_cache(max_len)
+    if cache is None:
+        cache = target.new_cache(max_len)
+    cache.length = 0
     _sync(device)
     t_start = time.perf_counter()
 
@@ -102,7 +105,7 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     if len(prompt) > 1:
         body = torch.tensor([prompt[:-1]], device=device)
         pos, slots, mask = chain_inputs(0, len(prompt) - 1, kv_len, device)
-        _, h = forward(body, pos, cache, mask, slots, layers)
+        _, h = forward(body, pos, cache, mask, slots, layers, logits=False)
         cache.length = len(prompt) - 1
         hidden = {k: v[0] for k, v in h.items()}
     _sync(device)

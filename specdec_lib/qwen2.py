@@ -80,20 +80,19 @@ class KVCache:
             raise ValueError(f"cannot roll back to {length}: cache holds {self.length}")
         self.length = length
 
-    def keep(self, start: int, rows) -> None:
+    def keep(self, start: int, rows: list[int]) -> None:
         """Keep slots start + rows (e.g. the root and an accepted tree path), packed contiguously.
 
         [start, start+1, ...] <- [start+rows[0], start+rows[1], ...]; then length = start + len(rows).
-        `rows` must be increasing (a root-to-leaf path is), so no row is overwritten before it is read
-        ... except through aliasing in the gather, which we avoid by gathering first.
+        `rows` is increasing (a root-to-leaf path is). The gather reads all sources before writing.
         """
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
-        n = rows.numel()
-        src = start + rows
-        if n and int(src[-1]) >= self.max_len:
+        rows = [int(r) for r in rows]
+        n = len(rows)
+        if n and start + rows[-1] >= self.max_len:
             raise ValueError("row outside the cache")
-        # subtle: a chain prefix (rows == 0..n-1) is already in place: nothing to move.
-        if not torch.equal(rows.cpu(), torch.arange(n)):
+        # subtle: a chain prefix (rows == 0..n-1) is already in place: nothing to move, no device work.
+        if rows != list(range(n)):
+            src = torch.tensor(rows, device=self.k.device) + start
             self.k[:, :, :, start:start + n] = self.k[:, :, :, src]
             self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
         self.length = start + n
@@ -111,6 +110,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle. x: [B, heads, T, hd]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def grouped_attention(q, k, v, mask):
+    """Grouped-query attention written as two matmuls: each kv head serves rep = nh / nkv query heads.
+
+    q: [B, nh, T, hd]; k, v: [B, nkv, S, hd]; mask: [T, S] additive. The rep query heads of a group
+    are stacked along the row axis, so keys and values are never copied rep times. For the few new
+    tokens of a decode or verify step this is faster on a CPU than the fused SDPA kernel (measured:
+    book/setup.md), and it is plain matmuls, which CUDA graphs capture as they are.
+    """
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    rep = nh // nkv
+    qg = q.reshape(B, nkv, rep * T, hd)                                 # [B, nkv, rep*T, hd]
+    scores = (qg @ k.transpose(-1, -2)).float() * (hd ** -0.5)          # [B, nkv, rep*T, S]
+    scores = scores.view(B, nkv, rep, T, -1) + mask.float()             # same mask for every head
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, nkv, rep * T, -1)
+    return (probs @ v).view(B, nh, T, hd)
 
 
 class RMSNorm(nn.Module):
@@ -148,8 +165,7 @@ class Attention(nn.Module):
         v_cache.index_copy_(2, slots, v)
         S = mask.shape[-1]
         keys, values = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, nkv, S, hd]
-        # Grouped-query attention: each kv head serves nh/nkv query heads (no copy with enable_gqa).
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
+        out = grouped_attention(q, keys, values, mask)  # [B, nh, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -207,7 +223,7 @@ class Qwen2(nn.Module):
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.config, max_len, batch, self.device, self.dtype)
 
-    def forward(self, ids, pos, cache: KVCache, attn_mask, slots, hidden_layers=()):
+    def forward(self, ids, pos, cache: KVCache, attn_mask, slots, hidden_layers=(), logits: bool = True):
         """One pass over T new tokens.
 
         ids, pos: [B, T] token ids and their RoPE positions (in a tree, position = depth, not slot).
@@ -215,7 +231,8 @@ class Qwen2(nn.Module):
         attn_mask: [T, S] bool, True = may attend; column j is cache slot j (S <= max_len).
         hidden_layers: indices into the residual stream as transformers numbers `hidden_states`:
             0 = embeddings, i = after block i, num_layers = after the final norm; negatives wrap.
-        Returns logits [B, T, V] and {layer: hidden [B, T, H]} for the requested layers.
+        Returns logits [B, T, V] (None when logits=False: a prefill only fills the cache, and the
+        LM head over hundreds of rows would cost more than the rest) and {layer: hidden [B, T, H]}.
         Nothing here reads a value back to the host, so the step can be captured in a CUDA graph.
         """
         n = self.config.num_hidden_layers
@@ -234,7 +251,7 @@ class Qwen2(nn.Module):
         x = self.model.norm(x)
         if n in want:
             hidden[n] = x
-        return self.lm_head(x), {h: hidden[h % (n + 1)] for h in hidden_layers}
+        return (self.lm_head(x) if logits else None), {h: hidden[h % (n + 1)] for h in hidden_layers}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -286,14 +303,21 @@ def from_transformers(hf_model, device=None, dtype=None) -> Qwen2:
     return model.to(device or next(hf_model.parameters()).device).eval()
 
 
-def random_model(config: Qwen2Config, seed: int = 0, std: float = 0.02, dtype=torch.float32) -> Qwen2:
-    """A seeded, randomly initialised model (the `tiny` profile; timing-only 7B shapes)."""
-    g = torch.Generator().manual_seed(seed)
-    model = Qwen2(config)
+def random_model(config: Qwen2Config, seed: int = 0, std: float = 0.02, dtype=torch.float32, device="cpu") -> Qwen2:
+    """A seeded, randomly initialised model (the `tiny` profile; timing-only 7B shapes on a GPU).
+
+    Weights are drawn on `device` with a generator there, so a 7B-shaped model needs no host memory.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = Qwen2(config)
+    model = model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * std)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(dtype).eval()

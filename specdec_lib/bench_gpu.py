@@ -1,0 +1,196 @@
+"""`python -m specdec_lib.bench_gpu`: chapter 1's GPU measurements (a benchmark, not a test).
+
+On one GPU, batch 1, bf16, in one run:
+1. the device-to-device copy bandwidth (bytes read + written per second): the memory ceiling;
+2. for each model (a model of the exact Qwen2.5-7B shapes with random weights, timing only; and
+   the real Qwen2.5-Coder-1.5B / 0.5B when their GGUF files are given with --gguf-dir):
+   - the cost curve c(k) = t(k new tokens) / t(1) after a 1024-token prefix, each k its own CUDA graph;
+   - our autoregressive loop (CUDA graphs) in tokens/s, against the bound
+     copy bandwidth / (bytes of weights + KV cache read per token): `fraction_of_bandwidth_bound`;
+   - transformers' `generate` on the same weights and prompt, same run;
+   - the oracle proposer (the target's own greedy continuation) at g = 1..16 through the same loop.
+Writes chapters/results/01_cost/h200_*.json (or --out) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .cuda_graphs import BUCKETS, GraphRunner
+from .decoding import generate
+from .methods import make_proposer
+from .metrics import write_json
+from .models import QWEN25_7B, machine_name
+from .qwen2 import count_parameters, random_model
+from .tree import chain_inputs
+
+KS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+OUT = Path(__file__).resolve().parent.parent / "chapters" / "results" / "01_cost"
+
+
+def cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of fn() on the GPU, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), reps=20)
+    del src, dst
+    return 2 * n * 2 / t
+
+
+def bytes_per_token(model, context_len: int) -> int:
+    """Weights read by one decode step (the embedding table is only indexed) + the KV cache read."""
+    c = model.config
+    weights = count_parameters(model) * model.dtype.itemsize
+    if not c.tie_word_embeddings:
+        weights -= model.model.embed_tokens.weight.numel() * model.dtype.itemsize
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize * context_len
+    return weights + kv
+
+
+@torch.inference_mode()
+def cost_curve(model, ks=KS, prefix_len: int = 1024) -> dict:
+    """t(k) for one forward of k new tokens after prefix_len cached tokens, each k a CUDA graph."""
+    runner = GraphRunner(model, prefix_len + max(ks) + 8, buckets=ks).capture()
+    cache = runner.cache
+    ids = torch.randint(0, 150000, (1, prefix_len), device="cuda")
+    pos, slots, mask = chain_inputs(0, prefix_len, cache.max_len, "cuda")
+    model(ids, pos, cache, mask, slots, logits=False)
+    cache.length = prefix_len
+    times = []
+    for k in ks:
+        pos, slots, mask = chain_inputs(prefix_len, k, cache.max_len, "cuda")
+        new = ids[:, :k]
+        runner(new, pos, cache, mask, slots)       # copies inputs into the graph's buffers
+        times.append(cuda_time(runner.graphs[k].replay, reps=30))
+    del runner
+    torch.cuda.empty_cache()
+    return {"k": list(ks), "time_s": times, "relative_time": [t / times[0] for t in times],
+            "prefix_len": prefix_len}
+
+
+def to_transformers_gpu(model):
+    from .bench import to_transformers
+    return to_transformers(model)
+
+
+@torch.inference_mode()
+def decode_benchmarks(model, prompt_ids, new_tokens: int, gs=(1, 2, 4, 8, 12, 16), hf_tokens: int = 32) -> dict:
+    max_len = len(prompt_ids) + new_tokens + max(BUCKETS) + 8
+    runner = GraphRunner(model, max_len).capture()
+    run = dict(forward=runner, kv_len=max_len, cache=runner.cache)
+    base = make_proposer("baseline")
+    generate(model, base, prompt_ids, 16, **run)                     # warm-up
+    b = generate(model, base, prompt_ids, new_tokens, **run)
+    # the same loop, eager (no graphs): what the graphs buy
+    e = generate(model, base, prompt_ids, 32, max_len=max_len)
+    out = {"new_tokens": b.record.new_tokens, "tokens_per_s": b.record.tokens_per_s,
+           "decode_tokens_per_s": b.record.new_tokens / (b.record.wall_s - b.record.prefill_s),
+           "eager_tokens_per_s": e.record.new_tokens / (e.record.wall_s - e.record.prefill_s)}
+    ctx = len(prompt_ids) + new_tokens // 2
+    out["bytes_per_token"] = bytes_per_token(model, ctx)
+    oracle = {}
+    for g in gs:
+        prop = make_proposer("oracle", continuations={tuple(prompt_ids): b.tokens}, draft_len=g)
+        generate(model, prop, prompt_ids, 16, **run)
+        r = generate(model, prop, prompt_ids, new_tokens, **run).record
+        oracle[g] = {"tokens_per_s": r.tokens_per_s, "speedup": r.tokens_per_s / b.record.tokens_per_s,
+                     "mean_accepted_len": r.mean_accepted_len,
+                     "decode_speedup": (r.new_tokens / (r.wall_s - r.prefill_s)) / out["decode_tokens_per_s"]}
+    out["oracle"] = oracle
+    del runner
+    torch.cuda.empty_cache()
+    if hf_tokens:
+        from .bench import time_transformers
+        hf = to_transformers_gpu(model)
+        time_transformers(hf, prompt_ids, 4)
+        toks, secs = time_transformers(hf, prompt_ids, hf_tokens, min_new_tokens=hf_tokens)
+        out["transformers_tokens_per_s"] = len(toks) / secs
+        out["transformers_new_tokens"] = len(toks)
+        del hf
+    return out
+
+
+def load_gguf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+    from .qwen2 import from_transformers
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return from_transformers(hf, "cuda", torch.bfloat16)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf-dir", default=None, help="folder with the two GGUF files of `make models`")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--skip-7b", action="store_true")
+    a = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "bench_gpu needs a CUDA GPU"
+    out = Path(a.out)
+    prov = {"machine": machine_name("cuda"), "dtype": "bfloat16", "device": "cuda", "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 150000, (512,), generator=g).tolist()
+
+    models = []
+    if not a.skip_7b:
+        models.append(("7b_shapes", "Qwen2.5-7B shapes, random weights (timing only)",
+                       lambda: random_model(QWEN25_7B, seed=0, dtype=torch.bfloat16, device="cuda")))
+    if a.gguf_dir:
+        from .models import GGUF_PAIR
+        for role, key in (("target", "small_target"), ("draft", "small_draft")):
+            path = Path(a.gguf_dir) / f"{GGUF_PAIR[role]['name']}-q4_k_m.gguf"
+            models.append((key, f"{GGUF_PAIR[role]['hub_id']} (GGUF Q4_K_M, de-quantized)",
+                           lambda path=path: load_gguf_model(path)))
+    summary = {"copy_bandwidth_bytes_per_s": bw, **prov, "models": {}}
+    for key, label, make in models:
+        t0 = time.time()
+        model = make()
+        print(f"\n{label}: {count_parameters(model) / 1e9:.2f} B parameters, loaded in {time.time() - t0:.0f} s")
+        curve = cost_curve(model)
+        curve.update(prov, model=label, profile="h200", name=f"h200_{key}")
+        write_json(out / f"h200_{key}.json", curve)
+        print("  c(k): " + " ".join(f"{k}:{c:.2f}" for k, c in zip(curve["k"], curve["relative_time"])))
+        res = decode_benchmarks(model, prompt, a.new_tokens, hf_tokens=0 if key == "small_draft" else 32)
+        bound = bw / res["bytes_per_token"]
+        res.update(model=label, bound_tokens_per_s=bound,
+                   fraction_of_bandwidth_bound=res["decode_tokens_per_s"] / bound,
+                   t1_s=curve["time_s"][0])
+        summary["models"][key] = res
+        print(f"  ours (CUDA graphs): {res['decode_tokens_per_s']:.0f} tok/s decode "
+              f"({res['tokens_per_s']:.0f} with prefill), bound {bound:.0f} tok/s -> "
+              f"{res['fraction_of_bandwidth_bound']:.0%}; eager loop {res['eager_tokens_per_s']:.0f} tok/s")
+        if "transformers_tokens_per_s" in res:
+            print(f"  transformers generate: {res['transformers_tokens_per_s']:.1f} tok/s")
+        print("  oracle speedup: " + " ".join(f"g={g}:{o['speedup']:.2f}x" for g, o in res["oracle"].items()))
+        del model
+        torch.cuda.empty_cache()
+    write_json(out / "h200_summary.json", summary)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "oracle"} for k, v in summary["models"].items()},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

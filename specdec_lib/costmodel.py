@@ -1,0 +1,64 @@
+"""When does speculation pay? The speedup model with measured cost curves (chapter 1).
+
+A cost curve is the time of one forward with k new tokens after a realistic prefix, divided by
+the time with k = 1: c(k) = t(k) / t(1). On a memory-bound machine c(k) stays near 1 for small k
+(the weights are read once whatever k is), then grows once arithmetic starts to dominate.
+
+With per-token acceptance a (independent draws) and draft length g:
+    E[tokens per step] = (1 - a^(g+1)) / (1 - a)            (= g + 1 when a = 1)
+    speedup            = E / (g * c_draft + c_verify(g + 1))
+where c_draft is the draft's cost per proposed token in units of one target 1-token step.
+Stored curves: chapters/results/01_cost/<name>.json with fields k, relative_time (+ provenance).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+
+CURVES_DIR = Path(__file__).resolve().parent.parent / "chapters" / "results" / "01_cost"
+
+
+def expected_tokens_per_step(a: float, g: int) -> float:
+    """(1 - a^(g+1)) / (1 - a). Example: a = 0.8, g = 4 -> 3.36."""
+    if a >= 1.0:
+        return g + 1.0
+    return (1 - a ** (g + 1)) / (1 - a)
+
+
+def load_cost_curve(name: str, folder: Path = CURVES_DIR) -> dict:
+    """A stored curve, e.g. 'cpu_small_target' or 'h200_7b_shapes_target'."""
+    path = Path(folder) / f"{name}.json"
+    if not path.exists():
+        have = sorted(p.stem for p in Path(folder).glob("*.json"))
+        raise FileNotFoundError(f"no cost curve {name!r} in {folder}; stored: {', '.join(have) or 'none'}")
+    return json.loads(path.read_text())
+
+
+def relative_cost(curve: dict, k: int) -> float:
+    """c(k), linearly interpolated between measured k (and extrapolated from the last two)."""
+    ks, ts = curve["k"], curve["relative_time"]
+    if k <= ks[0]:
+        return ts[0]
+    i = bisect.bisect_left(ks, k)
+    if i < len(ks) and ks[i] == k:
+        return ts[i]
+    i = min(max(i, 1), len(ks) - 1)
+    k0, k1, t0, t1 = ks[i - 1], ks[i], ts[i - 1], ts[i]
+    return t0 + (t1 - t0) * (k - k0) / (k1 - k0)
+
+
+def predicted_speedup(a: float, g: int, target_curve: dict, draft_cost: float = 0.0) -> float:
+    """Speedup over one-token decoding for acceptance a, draft length g (draft_cost per drafted token)."""
+    return expected_tokens_per_step(a, g) / (g * draft_cost + relative_cost(target_curve, g + 1))
+
+
+def replay_speedup(steps, target_curve: dict, propose_cost: float = 0.0) -> float:
+    """Speedup implied by a sequence of steps [(tokens fed to the target, tokens emitted), ...].
+
+    Each step costs c(tokens fed) + propose_cost, in units of one 1-token target step; the
+    baseline pays 1 per emitted token. Used to turn an exact acceptance replay into a speedup.
+    """
+    emitted = sum(e for _, e in steps)
+    cost = sum(relative_cost(target_curve, fed) + propose_cost for fed, _ in steps)
+    return emitted / cost if cost else 0.0

@@ -1,0 +1,373 @@
+"""Suffix decoding (Oliaro et al., 2024, arXiv 2411.04975): speculate from what was already written.
+
+A retrieval-based proposer. It keeps two suffix tries over token ids, with occurrence counts:
+  - the request trie: the prompt and the output so far of the current request;
+  - the global trie: the outputs of earlier requests, at most `cache_size` tokens (oldest evicted).
+At each step it finds the longest suffix of the context (up to `max_match` tokens) that was seen
+before with a continuation, and grows from there the most probable continuation *tree*, by
+empirical frequency: node probability = product of count(child) / count(all children) along the
+path. The tree keeps at most max_spec_factor x match_length nodes (longer matches are more
+trustworthy, so they may speculate more), never more than `draft_len`, and no node whose
+probability is below `min_token_prob`. Of the two candidate trees (request, global) the one with
+the larger expected number of accepted tokens (sum of node probabilities) is proposed.
+
+It is not a new decoding rule: the tree goes to the shared verifier (one target forward with a
+tree mask), so the output is exactly the target's.
+
+Learning across requests: call `proposer.observe(output_tokens)` after a request to put its full
+output in the global cache. If you do not, `reset` of the next request adds the previous output
+as far as the proposer saw it (all but the last step's tokens), so `bench.run_benchmark` also
+warms the cache.
+
+A trie of depth D: every substring of length <= D of the inserted sequences is a path from the
+root, and its node counts how often it occurs. [1, 2, 1, 2] with D = 2:
+    1 (2) ── 2 (2)          2 (2) ── 1 (1)
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+import torch
+
+from ..tree import Draft
+
+
+class Node:
+    __slots__ = ("count", "children")
+
+    def __init__(self):
+        self.count = 0
+        self.children: dict[int, Node] = {}
+
+
+class SuffixTrie:
+    """Counts of every substring of length <= max_depth, updated one token at a time."""
+
+    def __init__(self, max_depth: int):
+        if max_depth < 2:
+            raise ValueError(f"max_depth must be >= 2, got {max_depth}")
+        self.max_depth = max_depth
+        self.root = Node()
+        self.n_nodes = 0
+
+    def extend(self, tokens, open_nodes: list[Node] | None = None) -> list[Node]:
+        """Append tokens to a sequence whose open suffixes are `open_nodes`; return the new ones.
+
+        The open nodes are those of the suffixes (shorter than max_depth) that end at the sequence's
+        end; each new token extends every one of them by one child, so a token costs O(max_depth).
+        """
+        nodes = list(open_nodes or [])
+        for t in tokens:
+            t = int(t)
+            grown = []
+            for n in [self.root] + nodes:           # the empty suffix, then the longer ones
+                child = n.children.get(t)
+                if child is None:
+                    child = n.children[t] = Node()
+                    self.n_nodes += 1
+                child.count += 1
+                grown.append(child)
+            nodes = grown[:self.max_depth - 1]       # grown[k] has depth k + 1; depth D can't grow
+        return nodes
+
+    def remove(self, tokens) -> None:
+        """Undo `extend(tokens)` of a whole sequence (used to evict it); empty nodes are deleted."""
+        tokens = [int(t) for t in tokens]
+        for start in range(len(tokens)):
+            node = self.root
+            for t in tokens[start:start + self.max_depth]:
+                child = node.children[t]
+                child.count -= 1
+                if child.count == 0:                 # nothing below an empty node either
+                    self.n_nodes -= _size(child)
+                    del node.children[t]
+                    break
+                node = child
+
+    def find(self, pattern) -> Node | None:
+        node = self.root
+        for t in pattern:
+            node = node.children.get(int(t))
+            if node is None:
+                return None
+        return node
+
+    def count(self, pattern) -> int:
+        node = self.find(pattern)
+        return 0 if node is None else node.count
+
+    def items(self):
+        """(substring tuple, count) for every node, depth first (for tests and the chapter)."""
+        stack = [((), self.root)]
+        while stack:
+            path, node = stack.pop()
+            for t, child in node.children.items():
+                yield path + (t,), child.count
+                stack.append((path + (t,), child))
+
+
+def _size(node: Node) -> int:
+    return 1 + sum(_size(c) for c in node.children.values())
+
+
+def longest_match(trie: SuffixTrie, tokens: list[int], max_match: int) -> tuple[int, Node | None]:
+    """Longest suffix of tokens (<= max_match) found in the trie *with a continuation*.
+
+    Subtle: in the request trie the context's own suffix is always present (it was just inserted),
+    but with no child, so "has children" is the test. It is monotone: if a suffix was seen followed
+    by something, so was every shorter suffix; we can stop at the first failure.
+    """
+    best, node_best = 0, None
+    for m in range(1, min(max_match, len(tokens)) + 1):
+        node = trie.find(tokens[-m:])
+        if node is None or not node.children:
+            break
+        best, node_best = m, node
+    return best, node_best
+
+
+def grow_tree(node: Node, budget: int, min_token_prob: float) -> tuple[list[int], list[int], list[float]]:
+    """The most probable continuation tree below `node`, best first, at most `budget` nodes.
+
+    A node's probability is the product of count(child) / sum(counts of its siblings) on its path.
+    Best-first: pop the most probable frontier node, add it, push its children. A child is never
+    more probable than its parent, so parents are added first (as Draft requires), and once the best
+    frontier node is below min_token_prob every remaining one is too.
+    Returns tokens, parents (draft indices, -1 = child of the root) and node probabilities.
+
+    Example: after the match we saw "a b" 3 times, "a c" once, "d" once; budget 3:
+    a = 4/5 = 0.8, a b = 0.8 * 3/4 = 0.6, a c = 0.2, d = 0.2 -> tokens [a, b, d], parents [-1, 0, -1]
+    (d and a c tie at 0.2: the one pushed first wins).
+    """
+    tokens, parents, probs = [], [], []
+    frontier, order = [], 0
+
+    def push(parent_node, parent_idx, parent_prob):
+        nonlocal order
+        total = sum(c.count for c in parent_node.children.values())
+        for t, child in parent_node.children.items():
+            p = parent_prob * child.count / total
+            heapq.heappush(frontier, (-p, order, t, child, parent_idx))
+            order += 1
+
+    push(node, -1, 1.0)
+    while frontier and len(tokens) < budget:
+        neg_p, _, t, child, parent_idx = heapq.heappop(frontier)
+        if -neg_p < min_token_prob:
+            break
+        tokens.append(t)
+        parents.append(parent_idx)
+        probs.append(-neg_p)
+        if child.children:
+            push(child, len(tokens) - 1, -neg_p)
+    return tokens, parents, probs
+
+
+class SuffixProposer:
+    hidden_layers = ()
+    name = "suffix"
+
+    def __init__(self, draft_len: int = 16, max_spec_factor: float = 1.0, min_token_prob: float = 0.1,
+                 max_depth: int = 24, max_match: int | None = None, cache_size: int = 20_000,
+                 use_request: bool = True):
+        if draft_len < 1:
+            raise ValueError(f"draft_len (the hard cap on tree nodes) must be >= 1, got {draft_len}")
+        if max_spec_factor <= 0:
+            raise ValueError(f"max_spec_factor must be > 0, got {max_spec_factor}")
+        if not 0 <= min_token_prob <= 1:
+            raise ValueError(f"min_token_prob must be in [0, 1], got {min_token_prob}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0 tokens, got {cache_size}")
+        max_match = max_depth // 2 if max_match is None else max_match
+        if not 1 <= max_match < max_depth:
+            raise ValueError(f"max_match must be in [1, max_depth - 1], got {max_match} (max_depth={max_depth})")
+        self.draft_len, self.max_spec_factor, self.min_token_prob = draft_len, max_spec_factor, min_token_prob
+        self.max_depth, self.max_match, self.cache_size = max_depth, max_match, cache_size
+        self.use_request = use_request
+        self.global_trie = SuffixTrie(max_depth)
+        self.cached: deque[list[int]] = deque()      # outputs in the global trie, oldest first
+        self.request_trie = SuffixTrie(max_depth)
+        self._open: list[Node] = []
+        self._seen: list[int] = []                     # request tokens inserted so far
+        self._prompt_len = 0
+        self._pending: list[int] | None = None         # output not yet learned into the global cache
+        self.last: dict = {}                           # what the last propose did (for the chapter)
+
+    # -- global cache ------------------------------------------------------------------------
+    @property
+    def cached_tokens(self) -> int:
+        return sum(len(s) for s in self.cached)
+
+    def observe(self, output_tokens) -> None:
+        """Learn a finished request's output into the global cache, evicting the oldest outputs."""
+        seq = [int(t) for t in output_tokens][-self.cache_size:] if self.cache_size else []
+        self._pending = None
+        if not seq:
+            return
+        while self.cached and self.cached_tokens + len(seq) > self.cache_size:
+            self.global_trie.remove(self.cached.popleft())
+        self.global_trie.extend(seq)
+        self.cached.append(seq)
+
+    def clear_cache(self) -> None:
+        self.global_trie, self.cached, self._pending = SuffixTrie(self.max_depth), deque(), None
+
+    # -- per request -------------------------------------------------------------------------
+    def reset(self, prompt_ids) -> None:
+        if self._pending:                              # the caller did not call observe(): do it
+            self.observe(self._pending)
+        prompt = [int(t) for t in prompt_ids]
+        self.request_trie = SuffixTrie(self.max_depth)
+        self._open = self.request_trie.extend(prompt) if self.use_request else []
+        self._seen, self._prompt_len, self._pending = prompt, len(prompt), None
+
+    def _sync(self, tokens: list[int]) -> None:
+        """Insert the tokens accepted since the last call (the loop does not call us back)."""
+        if tokens[:self._prompt_len] != self._seen[:self._prompt_len]:
+            raise ValueError("the context does not start with the prompt given to reset(): call reset first")
+        new = tokens[len(self._seen):]
+        if self.use_request:
+            self._open = self.request_trie.extend(new, self._open)
+        self._seen = list(tokens)
+        self._pending = self._seen[self._prompt_len:]
+
+    def propose(self, ctx) -> Draft:
+        tokens = list(ctx.tokens)
+        self._sync(tokens)
+        best = None
+        for source, trie in (("request", self.request_trie), ("global", self.global_trie)):
+            m, node = longest_match(trie, tokens, self.max_match)
+            if m == 0:
+                continue
+            budget = min(self.draft_len, ctx.max_draft, math.floor(self.max_spec_factor * m))
+            toks, parents, probs = grow_tree(node, budget, self.min_token_prob)
+            score = sum(probs)                         # expected accepted tokens, by the counts
+            if toks and (best is None or score > best["score"]):
+                best = dict(source=source, match_len=m, score=score, tokens=toks, parents=parents, probs=probs)
+        self.last = best or {}
+        if best is None:
+            return Draft.empty()
+        return Draft(torch.tensor(best["tokens"], dtype=torch.long), torch.tensor(best["parents"], dtype=torch.long))
+
+
+def build(models=None, **options) -> SuffixProposer:
+    return SuffixProposer(**options)
+
+
+# -- exact greedy replay ---------------------------------------------------------------------
+def replay_greedy(proposer, prompt_ids, reference, max_new_tokens: int | None = None) -> dict:
+    """Run the decode loop against a known greedy continuation, without any model.
+
+    Under greedy verification a draft node is accepted iff its path spells the target's greedy
+    continuation, so `reference` (the target's greedy output) decides everything: this gives the
+    acceptance the target would give, exactly. Works for any proposer that needs no hidden states.
+    Returns steps [(tokens fed to the target, tokens emitted)], proposed, accepted, emitted.
+    """
+    from ..decoding import Context
+    from ..sampling import SamplingParams
+
+    prompt, ref = [int(t) for t in prompt_ids], [int(t) for t in reference]
+    n = len(ref) if max_new_tokens is None else min(max_new_tokens, len(ref))
+    proposer.reset(prompt)
+    tokens, steps, proposed, accepted = list(prompt), [], 0, 0
+    while len(tokens) - len(prompt) < n:
+        done = len(tokens) - len(prompt)
+        left = n - done
+        ctx = Context(tokens, len(prompt), max_draft=left - 1, params=SamplingParams(0.0, 1.0), generator=None)
+        draft = proposer.propose(ctx) if left > 1 else Draft.empty()
+        draft = draft.truncate(max(left - 1, 0))
+        toks, parents = draft.tokens.tolist(), draft.parents.tolist()
+        node, path = -1, []
+        while True:                                    # follow the child that matches the reference
+            want = ref[done + len(path)] if done + len(path) < n else None
+            nxt = next((i for i, p in enumerate(parents) if p == node and toks[i] == want), None)
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        emitted = min(len(path) + 1, left)
+        tokens.extend(ref[done:done + emitted])
+        steps.append((len(toks) + 1, emitted))
+        proposed += len(toks)
+        accepted += min(len(path), emitted)
+    return dict(steps=steps, proposed=proposed, accepted=accepted, emitted=len(tokens) - len(prompt))
+
+
+# -- the chapter's workload runner -----------------------------------------------------------
+def run_workload(models, proposers: dict, prompts, max_new_tokens: int, prompt_set: str, category: str,
+                 progress: bool = True) -> dict:
+    """Requests in order, as a server would see them; for each: the baseline, then every proposer.
+
+    proposers: {label: proposer}. A proposer with `observe` learns its own output after each
+    request (so a suffix proposer's global cache warms across the sequence). Greedy, bf16 or not.
+    Returns {'summaries': one per label (baseline first, metrics.SUMMARY_FIELDS + provenance),
+    'per_request': one row per (request, label), 'outputs': the baseline's tokens per prompt}.
+    """
+    from tqdm.auto import tqdm
+
+    from ..decoding import generate
+    from ..metrics import check_summary, summarize
+    from ..models import EOS_IDS
+    from . import make_proposer
+
+    base = make_proposer("baseline")
+    generate(models.target, base, prompts[0].prompt_ids, 4, eos_ids=EOS_IDS)      # warm-up
+    records = {"baseline": [], **{k: [] for k in proposers}}
+    matches = {k: [] for k in proposers}
+    rows, outputs = [], []
+    for i, p in enumerate(tqdm(prompts, desc=category, disable=not progress)):
+        b = generate(models.target, base, p.prompt_ids, max_new_tokens, eos_ids=EOS_IDS, prompt_id=p.prompt_id)
+        records["baseline"].append(b.record)
+        outputs.append(b.tokens)
+        for label, prop in proposers.items():
+            out = generate(models.target, prop, p.prompt_ids, max_new_tokens, eos_ids=EOS_IDS, prompt_id=p.prompt_id)
+            if hasattr(prop, "observe"):
+                prop.observe(out.tokens)
+            records[label].append(out.record)
+            matches[label].append(out.tokens == b.tokens)
+            r = out.record
+            rows.append(dict(request=i, method=label, category=category, acceptance_rate=r.acceptance_rate,
+                             mean_accepted_len=r.mean_accepted_len,
+                             speedup=b.record.wall_s / r.wall_s if r.wall_s else None,
+                             greedy_match=out.tokens == b.tokens))
+    common = dict(models.provenance(), prompt_set=prompt_set, category=category, temperature=0.0,
+                  max_new_tokens=max_new_tokens)
+    base_sum = summarize(records["baseline"], method="baseline", draft_len=None, **common)
+    base_tps = base_sum["tokens_per_s"]
+    base_sum.update(baseline_tokens_per_s=base_tps, speedup=1.0)
+    summaries = [base_sum]
+    for label, prop in proposers.items():
+        knobs = {k: getattr(prop, k) for k in ("max_spec_factor", "min_token_prob", "cache_size", "max_n")
+                 if hasattr(prop, k)}
+        s = summarize(records[label], method=label, draft_len=getattr(prop, "draft_len", None), **common, **knobs)
+        s.update(baseline_tokens_per_s=base_tps, speedup=s["tokens_per_s"] / base_tps if base_tps else None,
+                 greedy_match_rate=sum(matches[label]) / len(matches[label]))
+        summaries.append(s)
+    for s in summaries:
+        check_summary(s)
+    return dict(summaries=summaries, per_request=rows, outputs=outputs)
+
+
+def replay_summary(proposer, prompts, references, curve: dict, learn: bool = True, **fields) -> dict:
+    """Exact greedy replay of a request sequence (no model): acceptance, tau, and the speedup that
+    `costmodel.replay_speedup` predicts from the steps with a measured cost curve."""
+    from ..costmodel import replay_speedup
+
+    steps, proposed, accepted = [], 0, 0
+    for p, ref in zip(prompts, references):
+        r = replay_greedy(proposer, p.prompt_ids, ref)
+        if learn and hasattr(proposer, "observe"):
+            proposer.observe(ref)
+        steps += r["steps"]
+        proposed += r["proposed"]
+        accepted += r["accepted"]
+    emitted = sum(e for _, e in steps)
+    out = dict(n_prompts=len(prompts), steps=len(steps), new_tokens=emitted,
+               acceptance_rate=accepted / proposed if proposed else 0.0,
+               mean_accepted_len=emitted / len(steps) if steps else 0.0,
+               speedup=replay_speedup(steps, curve), tokens_per_s=0.0, baseline_tokens_per_s=None,
+               temperature=0.0, draft_len=getattr(proposer, "draft_len", None))
+    out.update(fields)
+    return out

@@ -1,0 +1,168 @@
+"""The draft-model proposer: exact toy cases, greedy equality, the output distribution, vocab sizes."""
+import itertools
+
+import pytest
+import torch
+
+from specdec_lib.decoding import generate
+from specdec_lib.methods import make_proposer
+from specdec_lib.methods.draft_model import DraftModel, common_prefix_len, fit_vocab
+from specdec_lib.qwen2 import Qwen2Config, random_model
+from specdec_lib.sampling import SamplingParams, probs_from_logits
+from specdec_lib.tree import chain_inputs
+
+MAX_NEW = 16
+
+
+def toy_config(vocab):
+    return Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module")
+def baseline_out(tiny_target, tiny_prompts):
+    base = make_proposer("baseline")
+    return {tuple(p): generate(tiny_target, base, p, MAX_NEW).tokens for p in tiny_prompts}
+
+
+class Recorder:
+    """Wraps a proposer and keeps (context, draft) of every call."""
+    def __init__(self, inner):
+        self.inner, self.name, self.hidden_layers, self.calls = inner, inner.name, (), []
+
+    def reset(self, prompt_ids):
+        self.inner.reset(prompt_ids)
+
+    def propose(self, ctx):
+        d = self.inner.propose(ctx)
+        self.calls.append((list(ctx.tokens), d.tokens.tolist()))
+        return d
+
+
+def test_helpers():
+    assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_len([1, 2], [1, 2, 3]) == 2
+    out = fit_vocab(torch.tensor([.5, .3, .2]), 2, 4)
+    assert torch.allclose(out, torch.tensor([.625, .375, 0, 0]))
+
+
+def test_draft_equal_to_target_accepts_everything(tiny_target, tiny_prompts, baseline_out):
+    g, p = 4, tiny_prompts[2]
+    prop = DraftModel(tiny_target, draft_len=g)
+    out = generate(tiny_target, prop, p, MAX_NEW)
+    assert out.tokens == baseline_out[tuple(p)]
+    assert out.record.acceptance_rate == 1.0
+    assert out.record.steps == -(-MAX_NEW // (g + 1))
+    # fed per step: the whole prompt + g - 1 drafts first; then last draft + bonus + g - 1 drafts
+    assert prop.fed_per_step[0] == len(p) + g - 1
+    assert all(n == g + 1 for n in prop.fed_per_step[1:-1])
+
+
+@pytest.mark.parametrize("g", [1, 3, 6])
+def test_greedy_equals_baseline(tiny_target, tiny_draft, tiny_prompts, baseline_out, g):
+    for p in tiny_prompts:
+        out = generate(tiny_target, DraftModel(tiny_draft, draft_len=g), p, MAX_NEW)
+        assert out.tokens == baseline_out[tuple(p)], (g, len(p))
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_rolled_back_cache_drafts_what_a_fresh_draft_would(g):
+    """Every proposal equals the draft's own greedy continuation of the context, computed from scratch."""
+    target, draft = random_model(toy_config(12), seed=3, std=0.4), random_model(toy_config(12), seed=4, std=0.4)
+    rec = Recorder(DraftModel(draft, draft_len=g))
+    out = generate(target, rec, [1, 2, 3, 4], 30)
+    assert 0 < out.record.acceptance_rate < 1        # a real mix of accepted and rejected drafts
+    base = make_proposer("baseline")
+    for ctx, proposed in rec.calls:
+        assert proposed == generate(draft, base, ctx, len(proposed)).tokens
+
+
+def test_options_and_errors(tiny_target, tiny_draft):
+    with pytest.raises(ValueError, match="draft_len"):
+        DraftModel(tiny_draft, draft_len=0)
+    with pytest.raises(ValueError, match="needs models"):
+        make_proposer("draft_model", draft_len=2)
+    with pytest.raises(ValueError, match="unknown"):
+        make_proposer("draft_model", draft=tiny_draft, temperature=3)
+    assert make_proposer("draft_model", draft=tiny_draft, draft_len=5).name == "draft_model(g=5)"
+
+
+# ---------------------------------------------------------------- differing vocabularies
+@pytest.mark.parametrize("v_target,v_draft", [(10, 7), (7, 10)])
+def test_differing_vocab_sizes(v_target, v_draft):
+    target = random_model(toy_config(v_target), seed=5, std=0.4)
+    draft = random_model(toy_config(v_draft), seed=6, std=0.4)
+    prop = DraftModel(draft, draft_len=3, target_vocab=v_target)
+    ref = generate(target, make_proposer("baseline"), [1, 2, 3], 25).tokens
+    assert generate(target, prop, [1, 2, 3], 25).tokens == ref
+    rec = Recorder(prop)
+    generate(target, rec, [1, 2, 3], 25, temperature=1.0, seed=1)
+    assert all(t < min(v_target, v_draft) for _, d in rec.calls for t in d)
+    # q rows have the target's width, zero outside the shared ids
+    from specdec_lib.decoding import Context
+    prop.reset([1, 2])
+    d = prop.propose(Context([1, 2], 2, 3, SamplingParams(1.0), torch.Generator().manual_seed(0)))
+    assert d.q.shape == (3, v_target)
+    assert torch.allclose(d.q.sum(-1), torch.ones(3))
+    assert float(d.q[:, min(v_target, v_draft):].sum()) == 0
+
+
+# ---------------------------------------------------------------- sampling: the output distribution
+SV, K, PROMPT, TRIALS = 4, 2, [1, 3], 1200
+
+
+@torch.no_grad()
+def exact_distribution(target, params):
+    """P(first K tokens) under the target alone, from its forward (no sampling)."""
+    probs = {}
+    for seq in itertools.product(range(SV), repeat=K):
+        ids = PROMPT + list(seq[:-1])
+        cache = target.new_cache(len(ids))
+        pos, slots, mask = chain_inputs(0, len(ids))
+        logits, _ = target(torch.tensor([ids]), pos, cache, mask, slots)
+        p = probs_from_logits(logits[0, len(PROMPT) - 1:], params)   # rows after prompt, prompt+seq[0], ...
+        probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(K)])))
+    return probs
+
+
+def chi_square_pvalue(counts, probs, trials):
+    from scipy.stats import chi2
+    stat, dof = 0.0, -1
+    for seq, pr in probs.items():
+        if pr > 1e-12:
+            e = pr * trials
+            stat += (counts.get(seq, 0) - e) ** 2 / e
+            dof += 1
+        else:
+            assert counts.get(seq, 0) == 0, f"{seq} has probability 0 but was sampled"
+    return float(chi2.sf(stat, dof))
+
+
+@pytest.fixture(scope="module")
+def toy_pair():
+    return random_model(toy_config(SV), seed=7, std=0.5), random_model(toy_config(SV), seed=8, std=0.5)
+
+
+def test_sampling_output_matches_target_distribution(toy_pair):
+    """generate() with the draft proposer: the first K tokens follow the target's distribution.
+    (T < 1 and top-p change only probs_from_logits, shared with the verifier: test_verify covers them.)"""
+    target, draft = toy_pair
+    params, g = SamplingParams(0.8, 0.95), 2
+    prop, trials, counts, accepted = DraftModel(draft, draft_len=g), TRIALS, {}, 0
+    for seed in range(trials):
+        out = generate(target, prop, PROMPT, K + 1, params.temperature, params.top_p, seed=seed)
+        counts[tuple(out.tokens[:K])] = counts.get(tuple(out.tokens[:K]), 0) + 1
+        accepted += out.record.accepted
+    assert 0 < accepted < trials * K       # the draft really differs from the target
+    p = chi_square_pvalue(counts, exact_distribution(target, params), trials)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def test_distribution_test_has_power(toy_pair):
+    """Negative control: the draft's own samples must fail the same test."""
+    target, draft = toy_pair
+    base, trials, counts = make_proposer("baseline"), TRIALS, {}
+    for seed in range(trials):
+        out = generate(draft, base, PROMPT, K, 1.0, seed=seed)
+        counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
+    assert chi_square_pvalue(counts, exact_distribution(target, SamplingParams(1.0)), trials) < 1e-6
