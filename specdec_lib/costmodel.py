@@ -62,3 +62,46 @@ def replay_speedup(steps, target_curve: dict, propose_cost: float = 0.0) -> floa
     emitted = sum(e for _, e in steps)
     cost = sum(relative_cost(target_curve, fed) + propose_cost for fed, _ in steps)
     return emitted / cost if cost else 0.0
+
+
+def measure_forward_time(model, k: int, prefix_len: int, repeats: int = 3, cache=None) -> float:
+    """Median seconds of one forward of k new tokens after prefix_len cached tokens (eager).
+
+    The cache is prefilled once; every timed forward writes the same k slots after the prefix,
+    so the state is identical each time (nothing is accepted). Synchronises on a GPU.
+    """
+    import time
+    import torch
+    from .tree import chain_inputs
+    device = model.device
+    ids = torch.randint(0, 150000, (1, prefix_len + k), generator=torch.Generator().manual_seed(0)).to(device)
+    if cache is None or cache.length != prefix_len:
+        cache = model.new_cache(prefix_len + 64 + 8)
+        pos, slots, mask = chain_inputs(0, prefix_len, device=device)
+        with torch.inference_mode():
+            model(ids[:, :prefix_len], pos, cache, mask, slots, logits=False)
+        cache.length = prefix_len
+    pos, slots, mask = chain_inputs(prefix_len, k, device=device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):          # the first run is a warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(ids[:, prefix_len:prefix_len + k], pos, cache, mask, slots)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2], cache
+
+
+def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), prefix_len: int = 1024, repeats: int = 3,
+                       progress: bool = True) -> dict:
+    """c(k) = t(k) / t(1) measured eagerly (the CPU path; the GPU uses CUDA graphs, bench_gpu.py)."""
+    from tqdm.auto import tqdm
+    cache, times = None, []
+    for k in tqdm(ks, desc="cost curve", disable=not progress):
+        t, cache = measure_forward_time(model, k, prefix_len, repeats, cache)
+        times.append(t)
+    return {"k": list(ks), "time_s": times, "relative_time": [t / times[0] for t in times],
+            "prefix_len": prefix_len}

@@ -83,14 +83,15 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     """Generate up to max_new_tokens after prompt_ids with target, speculating with proposer.
 
     forward: optional replacement for target.forward with the same signature (e.g. a CUDA-graph
-    runner); kv_len: attend over this many cache slots every step (static shapes) instead of L + T;
+    runner); it receives its step inputs on the CPU and moves them itself; kv_len: attend over this many cache slots every step (static shapes) instead of L + T;
     cache: reuse this KVCache (a CUDA-graph runner owns one) instead of allocating one.
     """
     params = SamplingParams(temperature, top_p)
     max_len = cache.max_len if cache is not None else (max_len or (len(prompt_ids) + max_new_tokens + 64))
     prompt = check_prompt(prompt_ids, max_new_tokens, max_len)
-    forward = forward or target.forward
     device = target.device
+    inputs_on = device if forward is None else "cpu"
+    forward = forward or target.forward
     eos = set(int(e) for e in eos_ids)
     generator = torch.Generator(device=device).manual_seed(seed)
     layers = tuple(getattr(proposer, "hidden_layers", ()))
@@ -103,8 +104,8 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     # Prefill everything but the root.
     hidden = {}
     if len(prompt) > 1:
-        body = torch.tensor([prompt[:-1]], device=device)
-        pos, slots, mask = chain_inputs(0, len(prompt) - 1, kv_len, device)
+        body = torch.tensor([prompt[:-1]], device=inputs_on)
+        pos, slots, mask = chain_inputs(0, len(prompt) - 1, kv_len, inputs_on)
         _, h = forward(body, pos, cache, mask, slots, layers, logits=False)
         cache.length = len(prompt) - 1
         hidden = {k: v[0] for k, v in h.items()}
@@ -124,8 +125,8 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
         _sync(device)
         t1 = time.perf_counter()
 
-        ids = torch.cat([torch.tensor([tokens[-1]]), draft.tokens.cpu()])[None].to(device)
-        pos, slots, mask = step_inputs(L, draft.parents, kv_len, device)
+        ids = torch.cat([torch.tensor([tokens[-1]]), draft.tokens.cpu()])[None].to(inputs_on)
+        pos, slots, mask = step_inputs(L, draft.parents, kv_len, inputs_on)
         logits, h = forward(ids, pos, cache, mask, slots, layers)
         acc = verify(draft, logits[0], params, generator)
         rows = [0] + [1 + i for i in acc.path]

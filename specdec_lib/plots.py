@@ -107,3 +107,73 @@ def explore(summaries: list[dict], sweeps: tuple[str, ...] = ("draft_len",)):
 
     return widgets.interact(show, x=widgets.Dropdown(options=list(sweeps), description="sweep"),
                             category=widgets.Dropdown(options=cats, description="category"))
+
+
+# ---------------------------------------------------------------- chapter 1: costs and the speedup model
+def plot_cost_curves(curves: list[dict], title: str = "what a k-token forward costs"):
+    """c(k) = t(k) / t(1) for each stored cost curve (dict with k, relative_time, model, machine...)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, c in enumerate(curves):
+        label = f"{c.get('model', '?')} · {c.get('machine', '?')}"
+        ax.plot(c["k"], c["relative_time"], "o-", color=f"C{i}", label=label, ms=3)
+    ax.plot([1, 64], [1, 64], ":", color="0.6", lw=0.8, label="c(k) = k (compute-bound)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("new tokens in one forward, k")
+    ax.set_ylabel("time relative to k = 1")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _footer(fig, curves)
+    return fig
+
+
+def plot_roofline(machines: list[dict], ks=(1, 4, 16, 64)):
+    """Attainable FLOP/s = min(peak, bandwidth x intensity); a k-token step of a bf16 model has an
+    arithmetic intensity of about k FLOP per byte (2 FLOP per weight per token, 2 bytes per weight).
+
+    machines: [{'name', 'peak_flops', 'bandwidth'}] (FLOP/s and bytes/s).
+    """
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    x = np.logspace(-1, 3.5, 200)
+    for i, m in enumerate(machines):
+        y = np.minimum(m["peak_flops"], m["bandwidth"] * x)
+        ax.plot(x, y, color=f"C{i}", label=f"{m['name']} (ridge at {m['peak_flops'] / m['bandwidth']:.0f} FLOP/B)")
+        for k in ks:
+            ax.plot(k, min(m["peak_flops"], m["bandwidth"] * k), "o", color=f"C{i}", ms=4)
+            ax.annotate(f"k={k}", (k, min(m["peak_flops"], m["bandwidth"] * k)), fontsize=7,
+                        xytext=(3, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte read)")
+    ax.set_ylabel("attainable FLOP/s")
+    ax.set_title("roofline: a k-token step sits at intensity ≈ k")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_speedup_model(curve: dict, acceptances=(0.6, 0.8, 0.9), g_max: int = 16, draft_cost: float = 0.0,
+                       ax=None, title: str | None = None):
+    """Predicted speedup vs draft length g for several acceptance rates, best g marked."""
+    from .costmodel import expected_tokens_per_step, predicted_speedup
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    gs = list(range(1, g_max + 1))
+    for i, a in enumerate(acceptances):
+        s = [predicted_speedup(a, g, curve, draft_cost) for g in gs]
+        best = max(range(len(gs)), key=lambda j: s[j])
+        ax.plot(gs, s, "o-", ms=3, color=f"C{i}", label=f"a = {a:.2f}: best g = {gs[best]} ({s[best]:.2f}x)")
+        ax.plot(gs[best], s[best], "*", ms=12, color=f"C{i}")
+        ax.plot(gs, [expected_tokens_per_step(a, g) for g in gs], ":", color=f"C{i}", alpha=0.5)
+    ax.axhline(1, color="0.5", lw=0.8)
+    ax.set_xlabel("draft length g")
+    ax.set_ylabel("predicted speedup (solid); tokens per step (dotted)")
+    ax.set_title(title or f"{curve.get('model', '?')} · {curve.get('machine', '?')} · draft cost {draft_cost:g}")
+    ax.legend(fontsize=8)
+    if own:
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        _footer(fig, [curve])
+        return fig

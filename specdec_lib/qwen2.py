@@ -118,8 +118,12 @@ def grouped_attention(q, k, v, mask):
     q: [B, nh, T, hd]; k, v: [B, nkv, S, hd]; mask: [T, S] additive. The rep query heads of a group
     are stacked along the row axis, so keys and values are never copied rep times. For the few new
     tokens of a decode or verify step this is faster on a CPU than the fused SDPA kernel (measured:
-    book/setup.md), and it is plain matmuls, which CUDA graphs capture as they are.
+    book/setup.md).
     """
+    if q.is_cuda:
+        # On a GPU the fused kernel wins (measured on an H200: notes/gpu_performance.md): the two
+        # small matmuls below get generic GEMM kernels that take ~4x longer than the data needs.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=True)
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
@@ -223,7 +227,8 @@ class Qwen2(nn.Module):
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.config, max_len, batch, self.device, self.dtype)
 
-    def forward(self, ids, pos, cache: KVCache, attn_mask, slots, hidden_layers=(), logits: bool = True):
+    def forward(self, ids, pos, cache: KVCache, attn_mask, slots, hidden_layers=(), logits: bool = True,
+                block_fn=None):
         """One pass over T new tokens.
 
         ids, pos: [B, T] token ids and their RoPE positions (in a tree, position = depth, not slot).
@@ -233,6 +238,9 @@ class Qwen2(nn.Module):
             0 = embeddings, i = after block i, num_layers = after the final norm; negatives wrap.
         Returns logits [B, T, V] (None when logits=False: a prefill only fills the cache, and the
         LM head over hundreds of rows would cost more than the rest) and {layer: hidden [B, T, H]}.
+        block_fn: what runs each decoder block, called as block_fn(block, x, cos, sin, k, v, slots, mask);
+            default Block.forward. A GPU runner passes torch.compile(Block.forward) to fuse the small
+            elementwise kernels (one compiled function serves all layers).
         Nothing here reads a value back to the host, so the step can be captured in a CUDA graph.
         """
         n = self.config.num_hidden_layers
@@ -244,8 +252,9 @@ class Qwen2(nn.Module):
         mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~attn_mask, float("-inf"))
         if 0 in want:
             hidden[0] = x
+        block_fn = block_fn or Block.forward
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, mask)
+            x = block_fn(layer, x, cos, sin, cache.k[i], cache.v[i], slots, mask)
             if i + 1 in want and i + 1 < n:
                 hidden[i + 1] = x
         x = self.model.norm(x)

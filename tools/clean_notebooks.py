@@ -16,7 +16,7 @@ KEEP_CELL_META = {"tags"}
 def clean(nb: dict) -> dict:
     nb["metadata"] = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
+        "language_info": {"name": "python", "pygments_lexer": "ipython3"},
     }
     for cell in nb.get("cells", []):
         cell["metadata"] = {k: v for k, v in cell.get("metadata", {}).items() if k in KEEP_CELL_META}

@@ -18,3 +18,13 @@ for dtype in (torch.float32, torch.bfloat16):
     tree = make_proposer("oracle", continuations=cont, draft_len=4, error_rate=0.3, branches=3, seed=1)
     same_tree = generate(model, tree, prompt, 40, **run).tokens == ref
     print(dtype, "graph == eager:", same, "| noisy tree oracle through graphs == eager baseline:", same_tree)
+
+# torch.compile'd blocks inside the graphs: same tokens
+model = random_model(TINY_TARGET, seed=0, dtype=torch.float32, device="cuda")
+prompt = list(range(1000, 1100))
+ref = generate(model, make_proposer("baseline"), prompt, 40).tokens
+runner = GraphRunner(model, 256, compile=True).capture()
+run = dict(forward=runner, kv_len=256, cache=runner.cache)
+tree = make_proposer("oracle", continuations={tuple(prompt): ref}, draft_len=4, error_rate=0.3, branches=3, seed=1)
+print("compiled graphs == eager:", generate(model, make_proposer("baseline"), prompt, 40, **run).tokens == ref,
+      "| tree:", generate(model, tree, prompt, 40, **run).tokens == ref)
