@@ -216,35 +216,11 @@ def build(models=None, draft_len: int = 4, max_n: int = 3, min_n: int = 1, polic
 
 # ------------------------------------------------------------------ exact replay (no model)
 def replay_greedy(proposer, prompt_ids, reference_ids, eos_ids=EOS_IDS) -> list[tuple[int, int, int]]:
-    """What greedy speculative decoding would do, given the target's greedy continuation.
+    """`specdec_lib.replay.replay_greedy` with the Qwen end-of-turn tokens as EOS.
 
     Under greedy verification a draft token is accepted iff it equals the target's next greedy
-    token, so for a proposer that needs no model the whole run follows from reference_ids alone:
-    each step accepts the longest common prefix of draft and reference, then emits one bonus
-    token. Mirrors `decoding.generate` (same Context, same max_draft, stop after EOS).
+    token, so for a proposer that needs no model the whole run follows from reference_ids alone.
     Returns one (proposed, accepted, emitted) per step; tokens fed to the target = proposed + 1.
     """
-    from ..decoding import Context
-    from ..sampling import SamplingParams
-    prompt, ref = [int(t) for t in prompt_ids], [int(t) for t in reference_ids]
-    eos = set(eos_ids)
-    max_new = len(ref)
-    proposer.reset(prompt)
-    tokens, steps = list(prompt), []
-    while len(tokens) - len(prompt) < max_new:
-        done = len(tokens) - len(prompt)
-        left = max_new - done
-        ctx = Context(tokens, len(prompt), max_draft=left - 1, params=SamplingParams(0.0, 1.0), generator=None)
-        draft = proposer.propose(ctx).truncate(max(left - 1, 0)).tokens.tolist() if left > 1 else []
-        acc = 0
-        while acc < len(draft) and draft[acc] == ref[done + acc]:
-            acc += 1
-        new = ref[done:done + acc + 1]
-        stop = next((i for i, t in enumerate(new) if t in eos), None)
-        if stop is not None:
-            new = new[:stop + 1]
-        tokens.extend(new)
-        steps.append((len(draft), min(acc, len(new)), len(new)))
-        if stop is not None:
-            break
-    return steps
+    from ..replay import replay_greedy as replay
+    return replay(proposer, prompt_ids, reference_ids, eos_ids)

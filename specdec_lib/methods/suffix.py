@@ -258,41 +258,17 @@ def build(models=None, **options) -> SuffixProposer:
 
 # -- exact greedy replay ---------------------------------------------------------------------
 def replay_greedy(proposer, prompt_ids, reference, max_new_tokens: int | None = None) -> dict:
-    """Run the decode loop against a known greedy continuation, without any model.
+    """Run the decode loop against a known greedy continuation, without any model (replay.py).
 
     Under greedy verification a draft node is accepted iff its path spells the target's greedy
     continuation, so `reference` (the target's greedy output) decides everything: this gives the
     acceptance the target would give, exactly. Works for any proposer that needs no hidden states.
     Returns steps [(tokens fed to the target, tokens emitted)], proposed, accepted, emitted.
     """
-    from ..decoding import Context
-    from ..sampling import SamplingParams
-
-    prompt, ref = [int(t) for t in prompt_ids], [int(t) for t in reference]
-    n = len(ref) if max_new_tokens is None else min(max_new_tokens, len(ref))
-    proposer.reset(prompt)
-    tokens, steps, proposed, accepted = list(prompt), [], 0, 0
-    while len(tokens) - len(prompt) < n:
-        done = len(tokens) - len(prompt)
-        left = n - done
-        ctx = Context(tokens, len(prompt), max_draft=left - 1, params=SamplingParams(0.0, 1.0), generator=None)
-        draft = proposer.propose(ctx) if left > 1 else Draft.empty()
-        draft = draft.truncate(max(left - 1, 0))
-        toks, parents = draft.tokens.tolist(), draft.parents.tolist()
-        node, path = -1, []
-        while True:                                    # follow the child that matches the reference
-            want = ref[done + len(path)] if done + len(path) < n else None
-            nxt = next((i for i, p in enumerate(parents) if p == node and toks[i] == want), None)
-            if nxt is None:
-                break
-            path.append(nxt)
-            node = nxt
-        emitted = min(len(path) + 1, left)
-        tokens.extend(ref[done:done + emitted])
-        steps.append((len(toks) + 1, emitted))
-        proposed += len(toks)
-        accepted += min(len(path), emitted)
-    return dict(steps=steps, proposed=proposed, accepted=accepted, emitted=len(tokens) - len(prompt))
+    from ..replay import replay_greedy as replay
+    steps = replay(proposer, prompt_ids, reference, max_new_tokens=max_new_tokens)
+    return dict(steps=[(p + 1, e) for p, _, e in steps], proposed=sum(p for p, _, _ in steps),
+                accepted=sum(a for _, a, _ in steps), emitted=sum(e for _, _, e in steps))
 
 
 # -- the chapter's workload runner -----------------------------------------------------------
