@@ -108,7 +108,7 @@ def test_differing_vocab_sizes(v_target, v_draft):
 
 
 # ---------------------------------------------------------------- sampling: the output distribution
-SV, K, PROMPT, TRIALS = 4, 2, [1, 3], 1200
+SV, K, PROMPT, TRIALS = 4, 2, [1, 3], 800
 
 
 @torch.no_grad()
@@ -140,7 +140,7 @@ def chi_square_pvalue(counts, probs, trials):
 
 @pytest.fixture(scope="module")
 def toy_pair():
-    return random_model(toy_config(SV), seed=7, std=0.5), random_model(toy_config(SV), seed=8, std=0.5)
+    return random_model(toy_config(SV), seed=11, std=0.5), random_model(toy_config(SV), seed=12, std=0.5)
 
 
 def test_sampling_output_matches_target_distribution(toy_pair):
@@ -159,10 +159,31 @@ def test_sampling_output_matches_target_distribution(toy_pair):
 
 
 def test_distribution_test_has_power(toy_pair):
-    """Negative control: the draft's own samples must fail the same test."""
+    """Negative control: samples from the draft's own distribution must fail the same test."""
     target, draft = toy_pair
-    base, trials, counts = make_proposer("baseline"), TRIALS, {}
-    for seed in range(trials):
-        out = generate(draft, base, PROMPT, K, 1.0, seed=seed)
-        counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
-    assert chi_square_pvalue(counts, exact_distribution(target, SamplingParams(1.0)), trials) < 1e-6
+    draft_probs = exact_distribution(draft, SamplingParams(1.0))
+    seqs = list(draft_probs)
+    draws = torch.multinomial(torch.tensor([draft_probs[s] for s in seqs]), TRIALS, replacement=True,
+                              generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for i in draws.tolist():
+        counts[seqs[i]] = counts.get(seqs[i], 0) + 1
+    assert chi_square_pvalue(counts, exact_distribution(target, SamplingParams(1.0)), TRIALS) < 1e-6
+
+
+# ---------------------------------------------------------------- the training path's measurements
+def test_replay_acceptance_matches_generate():
+    """Teacher-forced replay from one draft forward == the real greedy speculative loop, for every g."""
+    from specdec_lib.methods.draft_model_train import Head, draft_guesses, greedy_batch, replay_acceptance, \
+        trunk_features
+    target, draft = random_model(toy_config(12), seed=3, std=0.4), random_model(toy_config(12), seed=4, std=0.4)
+    prompt, n = [1, 2, 3, 4], 30
+    ref = generate(target, make_proposer("baseline"), prompt, n).tokens
+    assert greedy_batch(target, [prompt, prompt], n) == [ref, ref]
+    head = Head(draft, n_frozen=1)
+    guesses = draft_guesses(head, trunk_features(draft, [prompt + ref], 1), [len(prompt)])[0]
+    for g in (1, 2, 3, 5):
+        r = generate(target, DraftModel(draft, draft_len=g), prompt, n).record
+        assert replay_acceptance(guesses, ref, g) == (r.proposed, r.accepted, r.steps), g
+    assert replay_acceptance([5, 9, 7, 0], [5, 6, 7], 2) == (2, 1, 2)
+    assert replay_acceptance([5, 6, 7, 0], [5, 6, 7, 8], 2) == (2, 2, 2)   # [5, 6] + bonus 7; then 8 alone
