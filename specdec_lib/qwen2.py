@@ -117,14 +117,15 @@ def grouped_attention(q, k, v, mask):
 
     q: [B, nh, T, hd]; k, v: [B, nkv, S, hd]; mask: [T, S] additive. The rep query heads of a group
     are stacked along the row axis, so keys and values are never copied rep times. For the few new
-    tokens of a decode or verify step this is faster on a CPU than the fused SDPA kernel (measured:
-    book/setup.md).
+    tokens of a decode or verify step (T <= 64) this is faster on a CPU than the fused SDPA kernel
+    (measured: book/setup.md); longer prefills and GPUs use SDPA.
     """
-    if q.is_cuda:
-        # On a GPU the fused kernel wins (measured on an H200: notes/gpu_performance.md): the two
-        # small matmuls below get generic GEMM kernels that take ~4x longer than the data needs.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=True)
     B, nh, T, hd = q.shape
+    if q.is_cuda or T > 64:
+        # The fused kernel wins on a GPU (measured on an H200: notes/gpu_performance.md; the two
+        # small matmuls below get generic GEMM kernels there) and for long prefills on a CPU
+        # (700 tokens: 76 vs 100 ms per layer in bf16 on the course's CPU).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=True)
     nkv = k.shape[1]
     rep = nh // nkv
     qg = q.reshape(B, nkv, rep * T, hd)                                 # [B, nkv, rep*T, hd]

@@ -10,6 +10,7 @@ from specdec_lib.methods.draft_model import DraftModel, common_prefix_len, fit_v
 from specdec_lib.qwen2 import Qwen2Config, random_model
 from specdec_lib.sampling import SamplingParams, probs_from_logits
 from specdec_lib.tree import chain_inputs
+from tests.conftest import chi_square_pvalue
 
 MAX_NEW = 16
 
@@ -123,19 +124,6 @@ def exact_distribution(target, params):
         p = probs_from_logits(logits[0, len(PROMPT) - 1:], params)   # rows after prompt, prompt+seq[0], ...
         probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(K)])))
     return probs
-
-
-def chi_square_pvalue(counts, probs, trials):
-    from scipy.stats import chi2
-    stat, dof = 0.0, -1
-    for seq, pr in probs.items():
-        if pr > 1e-12:
-            e = pr * trials
-            stat += (counts.get(seq, 0) - e) ** 2 / e
-            dof += 1
-        else:
-            assert counts.get(seq, 0) == 0, f"{seq} has probability 0 but was sampled"
-    return float(chi2.sf(stat, dof))
 
 
 @pytest.fixture(scope="module")

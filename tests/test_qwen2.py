@@ -25,7 +25,7 @@ def run(model, cache, ids, parents=None, kv_len=None, hidden_layers=()):
 def check_against_transformers(model, hf, seq):
     ref = hf(torch.tensor([seq])).logits[0]
     # prefill everything but the last 5 tokens, then 5 one-token steps
-    cache = model.new_cache(64)
+    cache = model.new_cache(128)
     logits, _ = run(model, cache, seq[:-5])
     cache.length = len(seq) - 5
     steps = [logits[0]]
@@ -41,6 +41,8 @@ def test_prefill_and_steps_match_transformers(tiny_target):
     hf = to_transformers(tiny_target)
     g = torch.Generator().manual_seed(0)
     check_against_transformers(tiny_target, hf, torch.randint(0, 151936, (40,), generator=g).tolist())
+    # a prefill of more than 64 tokens takes the fused-attention path
+    check_against_transformers(tiny_target, hf, torch.randint(0, 151936, (90,), generator=g).tolist())
 
 
 def test_hidden_states_match_transformers(tiny_target):

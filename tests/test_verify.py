@@ -8,6 +8,7 @@ import torch
 from specdec_lib.sampling import SamplingParams, probs_from_logits, sample
 from specdec_lib.tree import Draft, children
 from specdec_lib.verify import verify
+from tests.conftest import chi_square_pvalue
 
 V = 16
 GREEDY = SamplingParams(0.0)
@@ -112,19 +113,6 @@ def exact(params):
             pr *= float(toy_dist(list(seq[:i]), "target", params)[1][seq[i]])
         probs[seq] = pr
     return probs
-
-
-def chi_square_pvalue(counts, probs, trials):
-    from scipy.stats import chi2
-    stat, dof = 0.0, -1
-    for seq, pr in probs.items():
-        if pr > 0:
-            e = pr * trials
-            stat += (counts.get(seq, 0) - e) ** 2 / e
-            dof += 1
-        else:
-            assert counts.get(seq, 0) == 0, f"{seq} has probability 0 but was sampled"
-    return float(chi2.sf(stat, dof))
 
 
 CASES = [
