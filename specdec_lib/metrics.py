@@ -10,7 +10,7 @@ Definitions used everywhere in the course:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 

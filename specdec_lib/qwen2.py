@@ -12,7 +12,6 @@ nh query heads, nkv key/value heads, hd head dim, V vocab.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, asdict
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specdec_lib.models import TINY_TARGET, TINY_DRAFT, EOS_IDS
+from specdec_lib.models import TINY_TARGET, TINY_DRAFT
 from specdec_lib.qwen2 import random_model
 
 

@@ -1,6 +1,5 @@
 """Greedy speculative output == greedy autoregressive output, for every proposer, draft length and tree."""
 import pytest
-import torch
 
 from specdec_lib.decoding import generate
 from specdec_lib.methods import make_proposer

@@ -1,10 +1,8 @@
 """Our Qwen2 forward agrees with transformers' Qwen2ForCausalLM on the same weights."""
-import os
 
 import pytest
 import torch
 
-from specdec_lib.qwen2 import KVCache
 from specdec_lib.tree import chain_inputs, step_inputs, root_to_leaf_paths
 from tests.conftest import to_transformers
 

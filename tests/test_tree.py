@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from specdec_lib.qwen2 import KVCache
 from specdec_lib.tree import (Draft, ancestors, attention_mask, children, depths, root_to_leaf_paths,
                               step_inputs)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdec_lib.sampling import SamplingParams, probs_from_logits, sample
-from specdec_lib.tree import Draft, children
+from specdec_lib.tree import Draft
 from specdec_lib.verify import verify
 from tests.conftest import chi_square_pvalue
 
