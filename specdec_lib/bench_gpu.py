@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .cuda_graphs import BUCKETS, GraphRunner
+from .cuda_graphs import BUCKETS, GraphRunner, GreedyChain
 from .decoding import generate
 from .methods import make_proposer
 from .metrics import write_json
@@ -69,9 +69,10 @@ def bytes_per_token(model, context_len: int) -> int:
 
 
 @torch.inference_mode()
-def cost_curve(model, ks=KS, prefix_len: int = 1024, compile: bool = True) -> dict:
-    """t(k) for one forward of k new tokens after prefix_len cached tokens, each k a CUDA graph."""
-    runner = GraphRunner(model, prefix_len + max(ks) + 8, buckets=ks, compile=compile).capture()
+def cost_curve(model, ks=KS, prefix_len: int = 1024, compile: bool = True, fused: bool = True) -> dict:
+    """t(k) for one forward of k new tokens after prefix_len cached tokens, each k a CUDA graph
+    (fused: for k <= 16 the faster of the Triton kernels and the compiled forward, see GraphRunner)."""
+    runner = GraphRunner(model, prefix_len + max(ks) + 8, buckets=ks, compile=compile, fused=fused).capture()
     cache = runner.cache
     ids = torch.randint(0, 150000, (1, prefix_len), device="cuda")
     pos, slots, mask = chain_inputs(0, prefix_len, cache.max_len, "cuda")
@@ -83,10 +84,11 @@ def cost_curve(model, ks=KS, prefix_len: int = 1024, compile: bool = True) -> di
         new = ids[:, :k]
         runner(new, pos, cache, mask, slots)       # copies inputs into the graph's buffers
         times.append(cuda_time(runner.graphs[k].replay, reps=30))
+    variant = [runner.variant[k] for k in ks]
     del runner
     torch.cuda.empty_cache()
     return {"k": list(ks), "time_s": times, "relative_time": [t / times[0] for t in times],
-            "prefix_len": prefix_len}
+            "prefix_len": prefix_len, "variant": variant}
 
 
 def to_transformers_gpu(model):
@@ -94,40 +96,66 @@ def to_transformers_gpu(model):
     return to_transformers(model)
 
 
+def _decode_rate(r) -> float:
+    return r.record.new_tokens / (r.record.wall_s - r.record.prefill_s)
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 @torch.inference_mode()
-def decode_benchmarks(model, prompt_ids, new_tokens: int, gs=(1, 2, 4, 8, 12, 16), hf_tokens: int = 32,
-                      compile: bool = True) -> dict:
+def decode_benchmarks(model, prompt_ids, new_tokens: int, gs=(1, 2, 4, 8, 12, 16), hf_tokens: int = 32) -> dict:
+    """Tokens/s of the decode loop in its variants, the device-fed baseline, and the oracle."""
     max_len = len(prompt_ids) + new_tokens + max(BUCKETS) + 8
-    runner = GraphRunner(model, max_len, compile=compile).capture()
-    run = dict(forward=runner, kv_len=max_len, cache=runner.cache)
     base = make_proposer("baseline")
-    generate(model, base, prompt_ids, 16, **run)                     # warm-up
-    b = generate(model, base, prompt_ids, new_tokens, **run)
-    # the same loop, eager (no graphs): what the graphs buy
+    out, runs = {}, {}
+    # 1. the speculative loop (one host sync per step) proposing nothing, three ways:
+    #    eager; graphs of the compiled forward (version 5 of the notes); graphs of the fused kernels
     e = generate(model, base, prompt_ids, 32, max_len=max_len)
-    # graphs without torch.compile: what fusing the small kernels buys
-    if compile:
-        plain = GraphRunner(model, max_len).capture()
-        p = generate(model, base, prompt_ids, 64, forward=plain, kv_len=max_len, cache=plain.cache)
-        del plain
-    out = {"new_tokens": b.record.new_tokens, "tokens_per_s": b.record.tokens_per_s,
-           "decode_tokens_per_s": b.record.new_tokens / (b.record.wall_s - b.record.prefill_s),
-           "eager_tokens_per_s": e.record.new_tokens / (e.record.wall_s - e.record.prefill_s),
-           "compiled": compile}
-    if compile:
-        out["graphs_uncompiled_tokens_per_s"] = p.record.new_tokens / (p.record.wall_s - p.record.prefill_s)
+    out["eager_tokens_per_s"] = _decode_rate(e)
+    runners = {"compiled": GraphRunner(model, max_len, compile=True).capture(),
+               "fused": GraphRunner(model, max_len, compile=True, fused=True).capture()}
+    for name, runner in runners.items():
+        run = dict(forward=runner, kv_len=max_len, cache=runner.cache)
+        generate(model, base, prompt_ids, 16, **run)                             # warm-up
+        runs[name] = generate(model, base, prompt_ids, new_tokens, **run)
+        out[f"loop_{name}_tokens_per_s"] = _decode_rate(runs[name])
+    out["fused_vs_compiled_same_tokens"] = _agreement(runs["fused"].tokens, runs["compiled"].tokens)
+    best = max(runners, key=lambda k: out[f"loop_{k}_tokens_per_s"])
+    runner, b = runners[best], runs[best]
+    del runners[{"fused": "compiled", "compiled": "fused"}[best]]
+    out["loop"] = best
+    out["variant_per_bucket"] = {str(k): v for k, v in runner.variant.items()}
+    # 2. the baseline with no host in the loop: one graph per token feeds the next (GreedyChain)
+    chain = GreedyChain(runner.step_forward(1), runner.cache, "cuda").capture()
+    chain.generate(model, prompt_ids, 16)
+    d = chain.generate(model, prompt_ids, new_tokens)
+    out["device_loop_tokens_per_s"] = _decode_rate(d)
+    out["device_loop_same_tokens"] = _agreement(d.tokens, b.tokens)
+    out.update(new_tokens=b.record.new_tokens, tokens_per_s=b.record.tokens_per_s,
+               decode_tokens_per_s=max(out["device_loop_tokens_per_s"], out[f"loop_{best}_tokens_per_s"]))
     ctx = len(prompt_ids) + new_tokens // 2
     out["bytes_per_token"] = bytes_per_token(model, ctx)
+    # 3. the oracle (full acceptance) through the speculative loop
+    run = dict(forward=runner, kv_len=max_len, cache=runner.cache)
     oracle = {}
     for g in gs:
         prop = make_proposer("oracle", continuations={tuple(prompt_ids): b.tokens}, draft_len=g)
         generate(model, prop, prompt_ids, 16, **run)
-        r = generate(model, prop, prompt_ids, new_tokens, **run).record
-        oracle[g] = {"tokens_per_s": r.tokens_per_s, "speedup": r.tokens_per_s / b.record.tokens_per_s,
-                     "mean_accepted_len": r.mean_accepted_len,
-                     "decode_speedup": (r.new_tokens / (r.wall_s - r.prefill_s)) / out["decode_tokens_per_s"]}
+        r = generate(model, prop, prompt_ids, new_tokens, **run)
+        rec = r.record
+        oracle[g] = {"tokens_per_s": rec.tokens_per_s, "speedup": rec.tokens_per_s / b.record.tokens_per_s,
+                     "mean_accepted_len": rec.mean_accepted_len,
+                     "decode_speedup": _decode_rate(r) / out[f"loop_{best}_tokens_per_s"],
+                     "decode_speedup_vs_device_loop": _decode_rate(r) / out["device_loop_tokens_per_s"],
+                     "same_tokens": _agreement(r.tokens, b.tokens)}
     out["oracle"] = oracle
-    del runner
+    del runner, runners, chain
     torch.cuda.empty_cache()
     if hf_tokens:
         from .bench import time_transformers
@@ -140,19 +168,42 @@ def decode_benchmarks(model, prompt_ids, new_tokens: int, gs=(1, 2, 4, 8, 12, 16
     return out
 
 
+@torch.inference_mode()
+def fused_logit_check(model, prompt_len: int = 300) -> dict:
+    """bf16 logits of the fused kernels against the plain forward on the same cache, T = 1 and 8."""
+    from .kernels import FusedQwen2
+    fused, res = FusedQwen2(model), {}
+    ids = torch.randint(0, 150000, (1, prompt_len + 8), device="cuda")
+    for T in (1, 8):
+        c1, c2 = model.new_cache(prompt_len + 16), model.new_cache(prompt_len + 16)
+        pos, slots, mask = chain_inputs(0, prompt_len, None, "cuda")
+        for c in (c1, c2):
+            model(ids[:, :prompt_len], pos, c, mask, slots, logits=False)
+            c.length = prompt_len
+        pos, slots, mask = chain_inputs(prompt_len, T, None, "cuda")
+        want, _ = model(ids[:, prompt_len:prompt_len + T], pos, c1, mask, slots)
+        got, _ = fused(ids[:, prompt_len:prompt_len + T], pos, c2, mask, slots)
+        rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        res[T] = {"relative_error": rel, "argmax_agree": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+    return res
+
+
 @torch.no_grad()
-def timing_model_7b():
-    """Random weights of the exact Qwen2.5-7B shapes, with two changes so that token x strongly
+def timing_model(config=QWEN25_7B):
+    """Random weights of the exact shapes of `config` (Qwen2.5-7B by default), with two changes so that token x strongly
     predicts x + 1: the LM head is the embedding shifted by one row (times 10), and the blocks'
     output projections are scaled down 100x so the residual stream stays close to the token's
     embedding. Plain random weights give near-tied logits whose argmax flips between a k-token and a
     1-token forward in bf16, and then an oracle's drafts stop matching; this model's greedy path is
     stable. Same shapes, same bytes read, same time per forward."""
-    model = random_model(QWEN25_7B, seed=0, dtype=torch.bfloat16, device="cuda")
+    model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
     for layer in model.model.layers:
         layer.self_attn.o_proj.weight.mul_(0.01)
         layer.mlp.down_proj.weight.mul_(0.01)
-    model.lm_head.weight.copy_(model.model.embed_tokens.weight.roll(1, dims=0) * 10)
+    if config.tie_word_embeddings:   # a tied head cannot be the shifted embedding: untie it
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.roll(1, dims=0) * 10)
+    else:
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight.roll(1, dims=0) * 10)
     return model
 
 
@@ -169,6 +220,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--shapes", default="",
+                    help="also time models of these shapes with random weights, e.g. 1.5b,0.5b (no GGUF needed)")
+    ap.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
     a = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench_gpu needs a CUDA GPU"
     out = Path(a.out)
@@ -181,11 +235,19 @@ def main(argv=None):
 
     models = []
     if not a.skip_7b:
-        models.append(("7b_shapes", "Qwen2.5-7B shapes, random weights (timing only)", timing_model_7b))
+        models.append(("7b_shapes", "Qwen2.5-7B shapes, random weights (timing only)", timing_model))
+    from .models import QWEN25_0_5B, QWEN25_1_5B
+    for name in filter(None, a.shapes.split(",")):
+        config = {"1.5b": QWEN25_1_5B, "0.5b": QWEN25_0_5B}[name]
+        models.append((f"{name.replace('.', 'p')}_shapes", f"Qwen2.5-{name.upper()} shapes, random weights (timing only)",
+                       lambda config=config: timing_model(config)))
     if a.gguf_dir:
         from .models import GGUF_PAIR
         for role, key in (("target", "small_target"), ("draft", "small_draft")):
             path = Path(a.gguf_dir) / f"{GGUF_PAIR[role]['name']}-q4_k_m.gguf"
+            if not path.exists():
+                print(f"(no {path}: the real {role} is not measured)")
+                continue
             models.append((key, f"{GGUF_PAIR[role]['hub_id']} (GGUF Q4_K_M, de-quantized)",
                            lambda path=path: load_gguf_model(path)))
     summary = {"copy_bandwidth_bytes_per_s": bw, **prov, "models": {}}
@@ -193,22 +255,38 @@ def main(argv=None):
         t0 = time.time()
         model = make()
         print(f"\n{label}: {count_parameters(model) / 1e9:.2f} B parameters, loaded in {time.time() - t0:.0f} s")
+        check = fused_logit_check(model)
+        print("  fused kernels vs plain forward (bf16): " + "; ".join(
+            f"T={T}: rel. error {c['relative_error']:.1e}, argmax agree {c['argmax_agree']:.0%}" for T, c in check.items()))
         curve = cost_curve(model)
-        curve.update(prov, model=label, profile="h200", name=f"h200_{key}")
-        write_json(out / f"h200_{key}.json", curve)
-        print("  c(k): " + " ".join(f"{k}:{c:.2f}" for k, c in zip(curve["k"], curve["relative_time"])))
-        res = decode_benchmarks(model, prompt, a.new_tokens, hf_tokens=0 if key == "small_draft" else 32)
+        plain = cost_curve(model, fused=False)
+        name = f"h200_{key}_target" if key == "7b_shapes" else f"h200_{key}"
+        curve.update(prov, model=label, profile="h200", name=name,
+                     compiled_time_s=plain["time_s"], compiled_relative_time=plain["relative_time"])
+        write_json(out / f"{name}.json", curve)
+        print("  t(k) ms fused:    " + " ".join(f"{k}:{t * 1e3:.2f}" for k, t in zip(curve["k"], curve["time_s"])))
+        print("  t(k) ms compiled: " + " ".join(f"{k}:{t * 1e3:.2f}" for k, t in zip(plain["k"], plain["time_s"])))
+        hf_tokens = 0 if key == "small_draft" or a.no_transformers else 32
+        res = decode_benchmarks(model, prompt, a.new_tokens, hf_tokens=hf_tokens)
+        res["fused_logit_check"] = check
+        from . import kernels
+        res["kernel_configs"] = {  # the tuner's pick per (N, K, rows, swiglu, norm, head dim)
+            str(k): dict(zip(("dot", "acc2d", "BT", "BN", "BK", "warps", "stages"), v))
+            for k, v in kernels._chosen.items()}
         bound = bw / res["bytes_per_token"]
         res.update(model=label, bound_tokens_per_s=bound,
                    fraction_of_bandwidth_bound=res["decode_tokens_per_s"] / bound,
                    t1_s=curve["time_s"][0])
         summary["models"][key] = res
-        print(f"  ours (CUDA graphs): {res['decode_tokens_per_s']:.0f} tok/s decode "
-              f"({res['tokens_per_s']:.0f} with prefill), bound {bound:.0f} tok/s -> "
-              f"{res['fraction_of_bandwidth_bound']:.0%}; eager loop {res['eager_tokens_per_s']:.0f} tok/s")
+        print(f"  decode tok/s: device-fed loop {res['device_loop_tokens_per_s']:.0f} "
+              f"(same tokens: {res['device_loop_same_tokens']}/{res['new_tokens']}); speculative loop: "
+              f"fused {res['loop_fused_tokens_per_s']:.0f}, compiled {res['loop_compiled_tokens_per_s']:.0f} "
+              f"(fused = compiled for {res['fused_vs_compiled_same_tokens']} tokens), eager "
+              f"{res['eager_tokens_per_s']:.0f}; bound {bound:.0f} -> {res['fraction_of_bandwidth_bound']:.0%}")
         if "transformers_tokens_per_s" in res:
             print(f"  transformers generate: {res['transformers_tokens_per_s']:.1f} tok/s")
-        print("  oracle speedup: " + " ".join(f"g={g}:{o['speedup']:.2f}x" for g, o in res["oracle"].items()))
+        print("  oracle decode speedup vs loop / vs device-fed loop: " + " ".join(
+            f"g={g}:{o['decode_speedup']:.2f}/{o['decode_speedup_vs_device_loop']:.2f}x" for g, o in res["oracle"].items()))
         del model
         torch.cuda.empty_cache()
     write_json(out / "h200_summary.json", summary)

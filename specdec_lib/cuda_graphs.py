@@ -12,22 +12,52 @@ addresses, so:
 `GraphRunner` has the same call signature as `Qwen2.forward`, so `generate(..., forward=runner,
 kv_len=cache.max_len, cache=runner.cache)` runs the same loop, graph-replayed. It takes its inputs
 on the CPU (generate builds them there for any custom forward) and ships them in two copies.
+
+`GreedyChain` is the autoregressive baseline with no host in the loop (as gpt-fast decodes): one
+graph per token that also takes the argmax and writes the next step's inputs on the device, so the
+host only queues replays. Speculative steps cannot do that: how many tokens were accepted decides
+the next step's inputs, so the host must read it (one sync per step).
 """
 from __future__ import annotations
+
+import time
+from functools import partial
 
 import torch
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+def _replay_time(graph, reps: int = 20) -> float:
+    """Median seconds of one replay (a whole forward reads every weight: no cache effects to flush)."""
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[reps // 2]
+
+
 class GraphRunner:
-    def __init__(self, model, max_len: int, buckets=BUCKETS, hidden_layers=(), compile: bool = False):
+    def __init__(self, model, max_len: int, buckets=BUCKETS, hidden_layers=(), compile: bool = False,
+                 fused: bool = False):
         """compile: run each block through torch.compile(Block.forward), which fuses the ~30 small
         elementwise kernels of a block (norms, RoPE, softmax, SwiGLU) into a few. At batch 1 each tiny
-        kernel costs a few microseconds even inside a graph, which adds up over 28 layers."""
+        kernel costs a few microseconds even inside a graph, which adds up over 28 layers.
+        fused: buckets of at most 16 tokens may run `kernels.FusedQwen2` (five Triton kernels + two of
+        attention per layer): both are captured, each replayed 20 times, and the faster graph is kept
+        (`self.variant[b]`); larger buckets keep the plain (or compiled) forward."""
         self.model, self.buckets, self.hidden_layers = model, tuple(buckets), tuple(hidden_layers)
         from .qwen2 import Block
         self.block_fn = torch.compile(Block.forward, dynamic=True) if compile else None
+        self.fused = None
+        if fused:
+            from .kernels import FusedQwen2
+            self.fused = FusedQwen2(model)
         self.cache = model.new_cache(max_len)
         self.max_len = max_len
         dev = model.device
@@ -40,8 +70,12 @@ class GraphRunner:
             mask = torch.eye(b, max_len, dtype=torch.bool)
             self.static[b] = dict(idx=idx.to(dev), mask=mask.to(dev))
             self.host[b] = dict(idx=idx.pin_memory(), mask=mask.pin_memory())
-        self.graphs, self.outputs = {}, {}
+        self.graphs, self.outputs, self.variant, self.replay_s = {}, {}, {}, {}
         self.pool = None
+
+    def _variants(self, b):
+        from .kernels import MAX_T
+        return ("fused", "plain") if self.fused is not None and b <= MAX_T else ("plain",)
 
     @torch.inference_mode()
     def capture(self):
@@ -50,22 +84,33 @@ class GraphRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for b in self.buckets:   # warm-up outside capture (lazy init, kernel selection)
-                for _ in range(2):
-                    self._forward(b)
+                for variant in self._variants(b):
+                    for _ in range(2):
+                        self._forward(b, variant)
         torch.cuda.current_stream().wait_stream(stream)
         for b in sorted(self.buckets, reverse=True):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                out = self._forward(b)
-            self.pool = g.pool()
-            self.graphs[b], self.outputs[b] = g, out
+            for variant in self._variants(b):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool):
+                    out = self._forward(b, variant)
+                self.pool = g.pool()
+                t = _replay_time(g)
+                if b not in self.graphs or t < self.replay_s[b]:
+                    self.graphs[b], self.outputs[b], self.variant[b], self.replay_s[b] = g, out, variant, t
         torch.cuda.synchronize()
         return self
 
-    def _forward(self, b):
+    def step_forward(self, T: int, variant: str | None = None):
+        """The function that runs a T-token step inside the graphs (Qwen2.forward's signature)."""
+        variant = variant or self.variant.get(T, self._variants(T)[0])
+        if variant == "fused":
+            return self.fused
+        return partial(self.model.forward, block_fn=self.block_fn)
+
+    def _forward(self, b, variant):
         s = self.static[b]
         ids, pos, slots = s["idx"][0:1], s["idx"][1:2], s["idx"][2]
-        return self.model(ids, pos, self.cache, s["mask"], slots, self.hidden_layers, block_fn=self.block_fn)
+        return self.step_forward(b, variant)(ids, pos, self.cache, s["mask"], slots, self.hidden_layers)
 
     def __call__(self, ids, pos, cache, attn_mask, slots, hidden_layers=(), logits=True):
         T = ids.shape[1]
@@ -97,3 +142,86 @@ class GraphRunner:
         self.graphs[bucket].replay()
         out_logits, out_hidden = self.outputs[bucket]
         return out_logits[:, :T], {k: v[:, :T] for k, v in out_hidden.items()}
+
+
+class GreedyChain:
+    """Greedy autoregressive decoding in which the device feeds itself.
+
+    state (on the device, int64 [4]): the token to feed, its position, its cache slot, and how many
+    tokens are in `out`. One `step` feeds the token, takes the argmax of its logits, appends it to
+    `out` and advances the state, all without reading anything back, so on a GPU it is captured once
+    as a graph and the host just queues replays; it reads `out` every `check_every` tokens (for EOS)
+    and at the end. The tokens equal `generate` with the baseline proposer (tests/test_decoding.py).
+    """
+
+    def __init__(self, forward, cache, device):
+        self.forward, self.cache = forward, cache       # forward: Qwen2.forward's signature
+        self.state = torch.zeros(4, dtype=torch.long, device=device)
+        self.out = torch.zeros(cache.max_len, dtype=torch.long, device=device)
+        self.cols = torch.arange(cache.max_len, device=device)
+        self.graph = None
+
+    def step(self):
+        tok, pos, slot = self.state[0:1][None], self.state[1:2][None], self.state[2:3]
+        mask = self.cols[None] <= slot                  # [1, max_len]: every cached token and itself
+        logits, _ = self.forward(tok, pos, self.cache, mask, slot)
+        nxt = logits[0, -1].argmax().view(1)
+        self.out.index_copy_(0, self.state[3:4], nxt)
+        self.state[0:1].copy_(nxt)
+        self.state[1:4] += 1
+
+    @torch.inference_mode()
+    def capture(self):
+        """Record `step` as one CUDA graph (after two warm-up steps, whose cache writes land in slots
+        the next prefill overwrites)."""
+        self.state.copy_(torch.tensor([0, 0, 0, 0]))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        torch.cuda.synchronize()
+        return self
+
+    @torch.inference_mode()
+    def generate(self, model, prompt_ids, max_new_tokens: int, eos_ids=(), check_every: int = 64,
+                 prompt_id="0"):
+        """Same arguments and result type as decoding.generate with the baseline proposer (greedy)."""
+        from .decoding import GenerationResult, _sync, check_prompt
+        from .metrics import StepRecord, request_record
+        from .tree import chain_inputs
+        prompt = check_prompt(prompt_ids, max_new_tokens, self.cache.max_len)
+        device, cache, eos = model.device, self.cache, set(int(e) for e in eos_ids)
+        cache.length = 0
+        _sync(device)
+        t_start = time.perf_counter()
+        L = len(prompt) - 1
+        if L:
+            pos, slots, mask = chain_inputs(0, L, cache.max_len, device)
+            model(torch.tensor([prompt[:-1]], device=device), pos, cache, mask, slots, logits=False)
+        self.state.copy_(torch.tensor([prompt[-1], L, L, 0]))
+        _sync(device)
+        prefill_s = time.perf_counter() - t_start
+        run = self.graph.replay if self.graph is not None else self.step
+        new, stop = [], "length"
+        while len(new) < max_new_tokens and stop == "length":
+            n = min(check_every, max_new_tokens - len(new))
+            for _ in range(n):
+                run()
+            chunk = self.out[len(new):len(new) + n].tolist()    # the one sync per check_every tokens
+            for t in chunk:
+                new.append(t)
+                if t in eos:
+                    stop = "eos"
+                    break
+        cache.length = L + len(new)      # the cache holds everything but the newest token (the root)
+        wall = time.perf_counter() - t_start
+        per = (wall - prefill_s) / len(new)
+        steps = [StepRecord(proposed=0, accepted=0, emitted=1, propose_s=0.0, verify_s=per, wall_s=per)
+                 for _ in new]
+        record = request_record("baseline_device_loop", prompt_id, len(prompt), steps, prefill_s, wall)
+        return GenerationResult(new, steps, record, stop)

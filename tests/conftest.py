@@ -1,8 +1,15 @@
+import os
+
 import pytest
 import torch
 
-from specdec_lib.models import TINY_TARGET, TINY_DRAFT
-from specdec_lib.qwen2 import random_model
+# Triton reads this when first imported: without a GPU, tests/test_kernels.py runs the kernels in
+# Triton's CPU interpreter. Set here, before any test module can import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from specdec_lib.models import TINY_TARGET, TINY_DRAFT  # noqa: E402
+from specdec_lib.qwen2 import random_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

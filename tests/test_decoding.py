@@ -75,3 +75,16 @@ def test_sampling_baseline_is_seeded(tiny_target, tiny_prompts):
     b = generate(tiny_target, base, tiny_prompts[1], 12, temperature=1.0, seed=3).tokens
     c = generate(tiny_target, base, tiny_prompts[1], 12, temperature=1.0, seed=4).tokens
     assert a == b and a != c
+
+
+def test_device_fed_greedy_chain_equals_baseline(tiny_target, tiny_prompts, references):
+    """GreedyChain (the GPU baseline with no host in the loop), run step by step without graphs."""
+    from specdec_lib.cuda_graphs import GreedyChain
+    chain = GreedyChain(tiny_target, tiny_target.new_cache(128), "cpu")
+    for p in tiny_prompts:
+        out = chain.generate(tiny_target, p, MAX_NEW, check_every=5)
+        assert out.tokens == references[tuple(p)]
+        assert out.record.new_tokens == MAX_NEW and chain.cache.length == len(p) - 1 + MAX_NEW
+    ref = references[tuple(tiny_prompts[1])]
+    out = chain.generate(tiny_target, tiny_prompts[1], MAX_NEW, eos_ids=[ref[6]], check_every=4)
+    assert out.tokens == ref[:ref.index(ref[6]) + 1] and out.stop_reason == "eos"

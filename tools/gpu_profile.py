@@ -1,21 +1,36 @@
-"""Kernel-level profile of one graph-replayed, compiled 1-token step of the 7B-shapes model."""
-import torch
-from torch.profiler import profile, ProfilerActivity
+"""Kernel-level profile of one graph-replayed 1-token step: compiled forward vs fused Triton kernels.
 
-from specdec_lib.bench_gpu import timing_model_7b
+python tools/gpu_profile.py [7b|1.5b]   (random weights of those shapes; timing only)"""
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 from specdec_lib.cuda_graphs import GraphRunner
+from specdec_lib.models import QWEN25_1_5B, QWEN25_7B
+from specdec_lib.qwen2 import random_model
 from specdec_lib.tree import chain_inputs
 
-model = timing_model_7b()
-for compile in (False, True):
-    r = GraphRunner(model, 1100, buckets=(1,), compile=compile).capture()
+config = {"7b": QWEN25_7B, "1.5b": QWEN25_1_5B}[sys.argv[1] if len(sys.argv) > 1 else "1.5b"]
+model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
+for fused in (False, True):
+    r = GraphRunner(model, 1100, buckets=(1,), compile=True, fused=fused).capture()
     pos, slots, mask = chain_inputs(1000, 1, 1100, "cuda")
     r.cache.length = 1000
     r(torch.tensor([[5]], device="cuda"), pos, r.cache, mask, slots)
+    for _ in range(10):
+        r.graphs[1].replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(50):
+        r.graphs[1].replay()
+    b.record()
+    b.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             r.graphs[1].replay()
         torch.cuda.synchronize()
-    print(f"compile={compile}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(f"\n=== fused={fused} (kept: {r.variant[1]}): {a.elapsed_time(b) / 50:.3f} ms per 1-token step (graph replay)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     del r
