@@ -24,17 +24,22 @@ from .metrics import check_summary, summarize, write_json, write_jsonl
 from .models import EOS_IDS, load_profile
 
 
-def to_transformers(model):
-    """transformers' Qwen2ForCausalLM sharing our weights (no copy), for side-by-side timing."""
+def to_transformers(model, copy: bool = False, attn_implementation: str | None = None):
+    """transformers' Qwen2ForCausalLM with our weights: shared (no copy) for side-by-side timing, or
+    copied (copy=True; the tests use attn_implementation="eager" as the exact reference)."""
     from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
     c = model.config
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     cfg = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                    num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                    num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
-                   tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings)
+                   tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings,
+                   **extra)
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(cfg)
-    hf.load_state_dict(model.state_dict(), strict=False, assign=True)
+    sd = {k: v.clone() for k, v in model.state_dict().items()} if copy else model.state_dict()
+    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     # buffers are not in the state_dict: rebuild the rotary embedding's inv_freq off the meta device
     with torch.device(model.device):
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .cuda_graphs import BUCKETS, GraphRunner, GreedyChain
+from .cuda_graphs import BUCKETS, GraphRunner, GreedyChain, cuda_time
 from .decoding import generate
 from .methods import make_proposer
 from .metrics import write_json
@@ -31,21 +31,6 @@ from .tree import chain_inputs
 
 KS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 OUT = Path(__file__).resolve().parent.parent / "chapters" / "results" / "01_cost"
-
-
-def cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median seconds of fn() on the GPU, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:
@@ -91,11 +76,6 @@ def cost_curve(model, ks=KS, prefix_len: int = 1024, compile: bool = True, fused
             "prefix_len": prefix_len, "variant": variant}
 
 
-def to_transformers_gpu(model):
-    from .bench import to_transformers
-    return to_transformers(model)
-
-
 def _decode_rate(r) -> float:
     return r.record.new_tokens / (r.record.wall_s - r.record.prefill_s)
 
@@ -127,8 +107,8 @@ def decode_benchmarks(model, prompt_ids, new_tokens: int, gs=(1, 2, 4, 8, 12, 16
         out[f"loop_{name}_tokens_per_s"] = _decode_rate(runs[name])
     out["fused_vs_compiled_same_tokens"] = _agreement(runs["fused"].tokens, runs["compiled"].tokens)
     best = max(runners, key=lambda k: out[f"loop_{k}_tokens_per_s"])
-    runner, b = runners[best], runs[best]
-    del runners[{"fused": "compiled", "compiled": "fused"}[best]]
+    runner, b = runners.pop(best), runs[best]
+    runners.clear()                      # free the other runner's graphs and cache
     out["loop"] = best
     out["variant_per_bucket"] = {str(k): v for k, v in runner.variant.items()}
     # 2. the baseline with no host in the loop: one graph per token feeds the next (GreedyChain)
@@ -155,11 +135,11 @@ def decode_benchmarks(model, prompt_ids, new_tokens: int, gs=(1, 2, 4, 8, 12, 16
                      "decode_speedup_vs_device_loop": _decode_rate(r) / out["device_loop_tokens_per_s"],
                      "same_tokens": _agreement(r.tokens, b.tokens)}
     out["oracle"] = oracle
-    del runner, runners, chain
+    del runner, chain
     torch.cuda.empty_cache()
     if hf_tokens:
-        from .bench import time_transformers
-        hf = to_transformers_gpu(model)
+        from .bench import time_transformers, to_transformers
+        hf = to_transformers(model)
         time_transformers(hf, prompt_ids, 4)
         toks, secs = time_transformers(hf, prompt_ids, hf_tokens, min_new_tokens=hf_tokens)
         out["transformers_tokens_per_s"] = len(toks) / secs
@@ -269,10 +249,8 @@ def main(argv=None):
         hf_tokens = 0 if key == "small_draft" or a.no_transformers else 32
         res = decode_benchmarks(model, prompt, a.new_tokens, hf_tokens=hf_tokens)
         res["fused_logit_check"] = check
-        from . import kernels
-        res["kernel_configs"] = {  # the tuner's pick per (N, K, rows, swiglu, norm, head dim)
-            str(k): dict(zip(("dot", "acc2d", "BT", "BN", "BK", "warps", "stages"), v))
-            for k, v in kernels._chosen.items()}
+        from .kernels import tuned_configs
+        res["kernel_configs"] = tuned_configs()
         bound = bw / res["bytes_per_token"]
         res.update(model=label, bound_tokens_per_s=bound,
                    fraction_of_bandwidth_bound=res["decode_tokens_per_s"] / bound,

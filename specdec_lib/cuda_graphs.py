@@ -28,18 +28,21 @@ import torch
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _replay_time(graph, reps: int = 20) -> float:
-    """Median seconds of one replay (a whole forward reads every weight: no cache effects to flush)."""
-    graph.replay()
+def cuda_time(fn, reps: int = 20, warmup: int = 3, before=None) -> float:
+    """Median seconds of fn() on the GPU, timed with CUDA events; before() runs untimed ahead of each."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        graph.replay()
+        fn()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[reps // 2]
+    return sorted(times)[len(times) // 2]
 
 
 class GraphRunner:
@@ -94,7 +97,7 @@ class GraphRunner:
                 with torch.cuda.graph(g, pool=self.pool):
                     out = self._forward(b, variant)
                 self.pool = g.pool()
-                t = _replay_time(g)
+                t = cuda_time(g.replay, warmup=1)   # a whole forward: no cache effects to flush
                 if b not in self.graphs or t < self.replay_s[b]:
                     self.graphs[b], self.outputs[b], self.variant[b], self.replay_s[b] = g, out, variant, t
         torch.cuda.synchronize()

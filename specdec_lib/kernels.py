@@ -69,22 +69,17 @@ def _pick_config(key, T: int, launch) -> tuple:
     # launches would pick the configuration fastest at reading L2. In a real step every weight comes
     # from HBM (the model is 50x the L2), so each timed launch follows a 256 MB read that evicts the
     # cache (a read, not a write: written lines would be written back during the timed launch).
+    from .cuda_graphs import cuda_time
     flush = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
-    times = {}
-    for cfg in candidates:
-        launch(cfg)
-        samples = []
-        for _ in range(9):
-            flush.max()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            launch(cfg)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        times[cfg] = sorted(samples)[len(samples) // 2]
+    times = {cfg: cuda_time(lambda: launch(cfg), reps=9, warmup=1, before=flush.max) for cfg in candidates}
     _chosen[key] = min(times, key=times.get)
     return _chosen[key]
+
+
+def tuned_configs() -> dict:
+    """The tuner's picks so far, {"(N, K, rows, swiglu, norm, head dim)": {field: value}}, for the record."""
+    fields = ("dot", "acc2d", "BT", "BN", "BK", "warps", "stages")
+    return {str(k): dict(zip(fields, v)) for k, v in _chosen.items()}
 
 
 @triton.jit

@@ -23,18 +23,10 @@ def tiny_draft():
 
 
 def to_transformers(model):
-    """The same weights in transformers' Qwen2ForCausalLM (the reference we must agree with)."""
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
-    c = model.config
-    hf_config = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                         num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta,
-                         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
-                         max_position_embeddings=c.max_position_embeddings, attn_implementation="eager")
-    hf = Qwen2ForCausalLM(hf_config).to(model.dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.eval()
+    """The same weights, copied, in transformers' Qwen2ForCausalLM with eager attention: the reference
+    we must agree with."""
+    from specdec_lib.bench import to_transformers as convert
+    return convert(model, copy=True, attn_implementation="eager")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from specdec_lib.cuda_graphs import GraphRunner
+from specdec_lib.cuda_graphs import GraphRunner, cuda_time
 from specdec_lib.models import QWEN25_1_5B, QWEN25_7B
 from specdec_lib.qwen2 import random_model
 from specdec_lib.tree import chain_inputs
@@ -18,19 +18,11 @@ for fused in (False, True):
     pos, slots, mask = chain_inputs(1000, 1, 1100, "cuda")
     r.cache.length = 1000
     r(torch.tensor([[5]], device="cuda"), pos, r.cache, mask, slots)
-    for _ in range(10):
-        r.graphs[1].replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(50):
-        r.graphs[1].replay()
-    b.record()
-    b.synchronize()
+    step_ms = cuda_time(r.graphs[1].replay, reps=50, warmup=10) * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             r.graphs[1].replay()
         torch.cuda.synchronize()
-    print(f"\n=== fused={fused} (kept: {r.variant[1]}): {a.elapsed_time(b) / 50:.3f} ms per 1-token step (graph replay)")
+    print(f"\n=== fused={fused} (kept: {r.variant[1]}): {step_ms:.3f} ms per 1-token step (graph replay)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     del r
