@@ -1,7 +1,7 @@
 """Quick GPU check before timing: graph-replayed loop == eager loop (tiny random model, float32 and bf16)."""
 import torch
 
-from specdec_lib.cuda_graphs import GraphRunner
+from specdec_lib.cuda_graphs import GraphRunner, GreedyChain
 from specdec_lib.decoding import generate
 from specdec_lib.methods import make_proposer
 from specdec_lib.models import TINY_TARGET
@@ -28,3 +28,11 @@ run = dict(forward=runner, kv_len=256, cache=runner.cache)
 tree = make_proposer("oracle", continuations={tuple(prompt): ref}, draft_len=4, error_rate=0.3, branches=3, seed=1)
 print("compiled graphs == eager:", generate(model, make_proposer("baseline"), prompt, 40, **run).tokens == ref,
       "| tree:", generate(model, tree, prompt, 40, **run).tokens == ref)
+
+# fused Triton kernels (float32: exact-path comparison) and the device-fed chain: same tokens
+runner = GraphRunner(model, 256, compile=True, fused=True).capture()
+run = dict(forward=runner, kv_len=256, cache=runner.cache)
+chain = GreedyChain(runner.step_forward(1), runner.cache, "cuda").capture()
+print("fused graphs == eager:", generate(model, make_proposer("baseline"), prompt, 40, **run).tokens == ref,
+      "| tree:", generate(model, tree, prompt, 40, **run).tokens == ref,
+      "| device-fed chain:", chain.generate(model, prompt, 40).tokens == ref, "| variants:", runner.variant)
