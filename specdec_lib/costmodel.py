@@ -8,6 +8,8 @@ With per-token acceptance a (independent draws) and draft length g:
     E[tokens per step] = (1 - a^(g+1)) / (1 - a)            (= g + 1 when a = 1)
     speedup            = E / (g * c_draft + c_verify(g + 1))
 where c_draft is the draft's cost per proposed token in units of one target 1-token step.
+a is the per-position acceptance (metrics.position_acceptance: accepted / tried), not accepted /
+proposed, which is biased low for g >= 2: it equals (E - 1) / g (see accepted_over_proposed).
 Stored curves: chapters/results/01_cost/<name>.json with fields k, relative_time (+ provenance).
 """
 from __future__ import annotations
@@ -20,10 +22,43 @@ CURVES_DIR = Path(__file__).resolve().parent.parent / "chapters" / "results" / "
 
 
 def expected_tokens_per_step(a: float, g: int) -> float:
-    """(1 - a^(g+1)) / (1 - a). Example: a = 0.8, g = 4 -> 3.36."""
+    """(1 - a^(g+1)) / (1 - a). Example: a = 0.8, g = 4 -> 3.3616."""
     if a >= 1.0:
         return g + 1.0
     return (1 - a ** (g + 1)) / (1 - a)
+
+
+def accepted_over_proposed(a: float, g: int) -> float:
+    """What accepted / proposed comes out as for independent acceptance a: (E - 1) / g.
+    Example: a = 0.83, g = 8 -> 0.47 (while E = 4.78)."""
+    return (expected_tokens_per_step(a, g) - 1) / g if g else 0.0
+
+
+def acceptance_from_tau(tau: float, g: int) -> float:
+    """The independent per-position a whose E[tokens per step] equals a measured tau (bisection).
+    Example: tau = 3.3616, g = 4 -> 0.8. Useful when only request-level records were stored."""
+    if not 1.0 <= tau <= g + 1:
+        raise ValueError(f"tau must lie in [1, g + 1] = [1, {g + 1}], got {tau}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):   # E is increasing in a
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens_per_step(mid, g) < tau else (lo, mid)
+    return (lo + hi) / 2
+
+
+def expected_tokens_from_positions(per_position) -> float:
+    """E[tokens per step] without assuming independence: 1 + sum_i prod_{j<=i} a_j.
+
+    per_position = [a_1, ..., a_g] as measured (metrics.position_acceptance(...)["per_position"]);
+    equal entries a give (1 - a^(g+1)) / (1 - a). A None (never tried) ends the product.
+    """
+    total, reach = 1.0, 1.0
+    for a in per_position:
+        if a is None:
+            break
+        reach *= a
+        total += reach
+    return total
 
 
 def load_cost_curve(name: str, folder: Path = CURVES_DIR) -> dict:
@@ -49,7 +84,10 @@ def relative_cost(curve: dict, k: int) -> float:
 
 
 def predicted_speedup(a: float, g: int, target_curve: dict, draft_cost: float = 0.0) -> float:
-    """Speedup over one-token decoding for acceptance a, draft length g (draft_cost per drafted token)."""
+    """Speedup over one-token decoding for per-position acceptance a, draft length g (draft_cost per
+    drafted token). Feed it metrics.position_acceptance(steps)["a"], not accepted / proposed."""
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"a is a probability, got {a}")
     return expected_tokens_per_step(a, g) / (g * draft_cost + relative_cost(target_curve, g + 1))
 
 
