@@ -3,13 +3,20 @@
 - Under the `tiny` profile (CI), a chapter runs with small sizes and writes its results to a
   throwaway folder: the stored results of real runs are never overwritten by random models.
 - `pick(profile, tiny=..., small=..., qwen7b=...)` chooses a size per profile in one line.
+- `glue(name, value, fmt)` stores a number for the prose (MyST-NB's glue): the text cites
+  {glue:text}`name`, so a re-run can never leave a stale number in a sentence.
+- `reuse_stored(chapter, files)`: heavy live runs are reused from stored results only when the
+  reader asks (SPECDEC_REUSE=1), and the chapter then says whose machine measured them.
+- `machine_description()` names the machine, with its CPU instruction set (AVX-512 or AVX2
+  decides whether a k-token forward is nearly free on a CPU: chapter 1).
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
-from .models import profile_from_env
+from .models import machine_name, profile_from_env
 
 CHAPTERS_DIR = Path(__file__).resolve().parent.parent / "chapters"
 
@@ -32,3 +39,80 @@ def stored_results_dir(chapter: str) -> Path:
 def pick(profile: str, **by_profile):
     """pick("tiny", tiny=2, small=8) -> 2. A profile not named falls back to `small`'s value."""
     return by_profile.get(profile, by_profile.get("small"))
+
+
+def cpu_capability() -> str:
+    """The vector instruction set PyTorch's CPU kernels use here: 'AVX512', 'AVX2', 'DEFAULT' (ARM)."""
+    import torch
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:        # very old torch
+        return "unknown"
+
+
+def machine_description(device: str = "cpu") -> str:
+    """'AMD EPYC 9B14, 2 cores, AVX512' on a CPU; the GPU's name on a GPU."""
+    name = machine_name(device)
+    return name if str(device).startswith("cuda") else f"{name}, {cpu_capability()}"
+
+
+def provenance(models) -> dict:
+    """models.provenance() plus the CPU's instruction set: what every stored result records."""
+    prov = dict(models.provenance())
+    if not str(prov.get("device", "cpu")).startswith("cuda"):
+        prov["isa"] = cpu_capability()
+    return prov
+
+
+REUSE_ENV = "SPECDEC_REUSE"
+
+
+def reuse_stored(chapter: str, files, profile: str | None = None) -> bool:
+    """True when the reader asked for stored results (SPECDEC_REUSE=1) and they are all there.
+
+    Never under `tiny` (CI runs everything live). When it returns True it prints which machine
+    measured the stored files, so the chapter's output says whose numbers it shows.
+    """
+    profile = profile_from_env(profile)
+    if profile == "tiny" or os.environ.get(REUSE_ENV, "0") in ("", "0"):
+        return False
+    folder = stored_results_dir(chapter)
+    missing = [f for f in files if not (folder / f).exists()]
+    if missing:
+        print(f"{REUSE_ENV}=1 but {', '.join(missing)} not stored: measuring live")
+        return False
+    machines = sorted({_machine_of(folder / f) for f in files} - {None})
+    print(f"{REUSE_ENV}=1: reusing stored results from chapters/results/{chapter}/ "
+          f"(measured on {'; '.join(machines) or 'an unnamed machine'}), not measuring live")
+    return True
+
+
+def _machine_of(path):
+    import json
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = obj if isinstance(obj, list) else [obj]
+    for r in rows:
+        if isinstance(r, dict) and r.get("machine"):
+            return r["machine"] + (f", {r['isa']}" if r.get("isa") else "")
+    return None
+
+
+def glue(name: str, value, fmt: str | None = None) -> str:
+    """Store `value` under `name` for the prose and return its text.
+
+    The markdown cites it as {glue:text}`name`; the book is built from stored outputs, so the
+    sentence always shows what the last run computed. fmt: a format spec ('.2f', '.0%', ',d').
+    Without myst_nb (Colab) the same output is written by hand, so the notebook stays valid.
+    """
+    text = format(value, fmt) if fmt else str(value)
+    try:
+        from myst_nb import glue as _glue
+        _glue(name, text, display=False)
+    except ImportError:
+        from IPython.display import display
+        display({"application/papermill.record/text/plain": repr(text)}, raw=True,
+                metadata={"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}})
+    return text
