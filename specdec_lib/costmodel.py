@@ -110,15 +110,14 @@ def measure_forward_time(model, k: int, prefix_len: int, repeats: int = 3, cache
     """
     import time
     import torch
+    from .decoding import prefill
     from .tree import chain_inputs
     device = model.device
     ids = torch.randint(0, 150000, (1, prefix_len + k), generator=torch.Generator().manual_seed(0)).to(device)
     if cache is None or cache.length != prefix_len:
         cache = model.new_cache(prefix_len + 64 + 8)
-        pos, slots, mask = chain_inputs(0, prefix_len, device=device)
         with torch.inference_mode():
-            model(ids[:, :prefix_len], pos, cache, mask, slots, logits=False)
-        cache.length = prefix_len
+            prefill(model, ids[:, :prefix_len], cache, logits=False)
     pos, slots, mask = chain_inputs(prefix_len, k, device=device)
     times = []
     with torch.inference_mode():

@@ -70,6 +70,25 @@ def check_prompt(prompt_ids, max_new_tokens: int, max_len: int) -> list[int]:
     return prompt
 
 
+def prefill(model, ids: torch.Tensor, cache, hidden_layers=(), kv_len: int | None = None,
+            forward: Callable | None = None, logits: bool = True):
+    """Feed ids [B, T] as a causal chain right after the cache's `length` tokens, then advance
+    cache.length by T: the one place a cache grows without a verify step.
+
+    Positions and slots continue from cache.length (every row of the batch at the same ones).
+    forward: a replacement for model.forward (same signature); kv_len: static mask width.
+    Returns forward's (logits [B, T, V] or None when logits=False, {layer: hidden [B, T, H]}).
+    """
+    B, T = ids.shape
+    if cache.length + T > cache.max_len:
+        raise ValueError(f"{T} tokens after {cache.length} cached ones do not fit the cache of "
+                         f"{cache.max_len} slots: allocate a larger cache (new_cache(max_len))")
+    pos, slots, mask = chain_inputs(cache.length, T, kv_len, ids.device)
+    out = (forward or model.forward)(ids, pos.expand(B, -1), cache, mask, slots, hidden_layers, logits=logits)
+    cache.length += T
+    return out
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -97,7 +116,7 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     layers = tuple(getattr(proposer, "hidden_layers", ()))
     if cache is None:
         cache = target.new_cache(max_len)
-    cache.length = 0
+    cache.rollback(0)                         # a reused cache starts empty
     _sync(device)
     t_start = time.perf_counter()
 
@@ -105,9 +124,7 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     hidden = {}
     if len(prompt) > 1:
         body = torch.tensor([prompt[:-1]], device=inputs_on)
-        pos, slots, mask = chain_inputs(0, len(prompt) - 1, kv_len, inputs_on)
-        _, h = forward(body, pos, cache, mask, slots, layers, logits=False)
-        cache.length = len(prompt) - 1
+        _, h = prefill(target, body, cache, layers, kv_len, forward, logits=False)
         hidden = {k: v[0] for k, v in h.items()}
     _sync(device)
     prefill_s = time.perf_counter() - t_start

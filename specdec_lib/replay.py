@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from .decoding import Context
 from .sampling import SamplingParams
-from .tree import Draft, children
+from .tree import Draft
+from .verify import follow_greedy
 
 
 def replay_greedy(proposer, prompt_ids, reference_ids, eos_ids=(), max_new_tokens: int | None = None
@@ -32,20 +33,19 @@ def replay_greedy(proposer, prompt_ids, reference_ids, eos_ids=(), max_new_token
         left = n - done
         ctx = Context(tokens, len(prompt), max_draft=left - 1, params=SamplingParams(0.0), generator=None)
         draft = (proposer.propose(ctx) if left > 1 else Draft.empty()).truncate(max(left - 1, 0))
-        toks, kids = draft.tokens.tolist(), children(draft.parents)
-        node, accepted = -1, 0
-        while True:   # follow the child whose token is the target's next greedy token
-            # (the draft has at most left - 1 nodes, so done + accepted < n: the index exists)
-            node = next((c for c in kids.get(node, []) if toks[c] == ref[done + accepted]), None)
-            if node is None:
-                break
-            accepted += 1
+        # the target's greedy token after each verify row is the reference token at its depth
+        # (the draft has at most left - 1 nodes, so done + depth < n: the index exists)
+        depth = []                                         # of each node (a parent comes first)
+        for parent in draft.parents.tolist():
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+        best = [ref[done]] + [ref[done + d] for d in depth]
+        accepted = len(follow_greedy(draft, best).path)     # the verifier's own greedy walk
         new = ref[done:done + min(accepted + 1, left)]
         stop = next((i for i, t in enumerate(new) if t in eos), None)
         if stop is not None:
             new = new[:stop + 1]
         tokens.extend(new)
-        steps.append((len(toks), min(accepted, len(new)), len(new)))
+        steps.append((len(draft), min(accepted, len(new)), len(new)))
         if stop is not None:
             break
     return steps

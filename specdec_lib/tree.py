@@ -21,7 +21,7 @@ class Draft:
     tokens: torch.Tensor                 # [N] long
     parents: torch.Tensor                # [N] long, -1 = child of the root
     q: torch.Tensor | None = None        # [N, V]: row i = distribution node i was drawn from (sampling only)
-    without_replacement: bool = False    # siblings drawn without replacement (top-k style trees)
+    without_replacement: bool = False    # siblings drawn without replacement: verify drops earlier siblings from q
 
     def __len__(self) -> int:
         return int(self.tokens.numel())

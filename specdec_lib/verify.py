@@ -14,7 +14,8 @@ p <- normalise(max(0, p - q_c)) and the next sibling is tried against that resid
 every child is rejected the bonus is drawn from the final residual. q_c is the distribution
 node c was actually drawn from: for siblings drawn without replacement (top-k trees) the
 proposer gives each sibling q with the earlier siblings removed and renormalised (Recursive
-Speculative Decoding, Jeon et al. 2024). A proposer that picks tokens deterministically
+Speculative Decoding, Jeon et al. 2024); a draft marked `without_replacement` may instead give
+every sibling the parent's q, and the verifier removes the earlier siblings itself. A proposer that picks tokens deterministically
 (n-gram, suffix, greedy drafts) gives q = None, which means one-hot at its token: then a
 rejected token is simply removed from p. tests/test_verify.py checks the output distribution.
 """
@@ -39,9 +40,13 @@ class Accepted:
         return self.tokens + [self.bonus]
 
 
-def verify_greedy(draft: Draft, logits: torch.Tensor) -> Accepted:
-    """logits [N + 1, V]. One device -> host copy: the argmax of every row."""
-    best = logits.argmax(-1).tolist()  # [N + 1]
+def follow_greedy(draft: Draft, best: list[int]) -> Accepted:
+    """best[row] = the target's greedy token after verify row `row` (0 = the root).
+
+    From the root, follow the child whose token is the target's greedy token; stop when none
+    matches; the bonus is the greedy token there. Also used by replay.py, where `best` comes from
+    a stored greedy output instead of logits. Example: chain [7, 8], best [7, 9, 3] -> path [0], bonus 9.
+    """
     tokens = draft.tokens.tolist()
     kids = children(draft.parents)
     path, row = [], 0          # row 0 = the root
@@ -54,6 +59,11 @@ def verify_greedy(draft: Draft, logits: torch.Tensor) -> Accepted:
         node, row = match, match + 1
 
 
+def verify_greedy(draft: Draft, logits: torch.Tensor) -> Accepted:
+    """logits [N + 1, V]. One device -> host copy: the argmax of every row."""
+    return follow_greedy(draft, logits.argmax(-1).tolist())
+
+
 def verify_sampling(draft: Draft, logits: torch.Tensor, params: SamplingParams,
                     generator: torch.Generator | None) -> Accepted:
     """Recursive rejection sampling over a chain or a tree; see the module docstring."""
@@ -62,6 +72,7 @@ def verify_sampling(draft: Draft, logits: torch.Tensor, params: SamplingParams,
     kids = children(draft.parents)
     path, node, p = [], -1, p_rows[0]
     while True:
+        rejected = []                      # tokens of this node's children tried so far
         for c in kids.get(node, []):
             x = tokens[c]
             if draft.q is None:
@@ -69,6 +80,13 @@ def verify_sampling(draft: Draft, logits: torch.Tensor, params: SamplingParams,
                 q[x] = 1.0
             else:
                 q = draft.q[c].to(p)
+                if draft.without_replacement and rejected:
+                    # sibling drawn without replacement: its q cannot put mass on the earlier
+                    # siblings' tokens (a no-op when the proposer already removed them)
+                    q = q.clone()
+                    q[rejected] = 0.0
+                    q = q / q.sum()
+            rejected.append(x)
             u = torch.rand((), generator=generator, device=generator.device if generator else p.device)
             if float(q[x]) > 0 and float(u) * float(q[x]) < float(p[x]):   # u < p(x) / q(x)
                 path.append(c)

@@ -25,7 +25,7 @@ def tiny_draft():
 def to_transformers(model):
     """The same weights, copied, in transformers' Qwen2ForCausalLM with eager attention: the reference
     we must agree with."""
-    from specdec_lib.bench import to_transformers as convert
+    from specdec_lib.experiments import to_transformers as convert
     return convert(model, copy=True, attn_implementation="eager")
 
 
@@ -33,18 +33,3 @@ def to_transformers(model):
 def tiny_prompts():
     g = torch.Generator().manual_seed(123)
     return [torch.randint(0, 5000, (n,), generator=g).tolist() for n in (1, 7, 30)]
-
-
-def chi_square_pvalue(counts: dict, probs: dict, trials: int) -> float:
-    """Pearson chi-square goodness of fit of sampled outcome counts against exact probabilities.
-    An outcome of (near) zero probability must never be sampled."""
-    from scipy.stats import chi2
-    stat, dof = 0.0, -1
-    for seq, pr in probs.items():
-        if pr > 1e-12:
-            e = pr * trials
-            stat += (counts.get(seq, 0) - e) ** 2 / e
-            dof += 1
-        else:
-            assert counts.get(seq, 0) == 0, f"{seq} has probability 0 but was sampled"
-    return float(chi2.sf(stat, dof))

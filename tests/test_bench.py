@@ -1,7 +1,7 @@
 """The benchmark runner and the cost model on exact, tiny cases (no timing is asserted)."""
 import pytest
 
-from specdec_lib.bench import run_benchmark
+from specdec_lib.experiments import run_benchmark
 from specdec_lib.costmodel import expected_tokens_per_step, predicted_speedup, relative_cost, replay_speedup
 from specdec_lib.data import load_prompt_set
 from specdec_lib.metrics import check_summary

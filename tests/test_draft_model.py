@@ -10,7 +10,7 @@ from specdec_lib.methods.draft_model import DraftModel, common_prefix_len, fit_v
 from specdec_lib.qwen2 import Qwen2Config, random_model
 from specdec_lib.sampling import SamplingParams, probs_from_logits
 from specdec_lib.tree import chain_inputs
-from tests.conftest import chi_square_pvalue
+from specdec_lib.experiments import goodness_of_fit
 
 MAX_NEW = 16
 
@@ -142,7 +142,7 @@ def test_sampling_output_matches_target_distribution(toy_pair):
         counts[tuple(out.tokens[:K])] = counts.get(tuple(out.tokens[:K]), 0) + 1
         accepted += out.record.accepted
     assert 0 < accepted < trials * K       # the draft really differs from the target
-    p = chi_square_pvalue(counts, exact_distribution(target, params), trials)
+    p = goodness_of_fit(counts, exact_distribution(target, params))["p_value"]
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
@@ -156,7 +156,7 @@ def test_distribution_test_has_power(toy_pair):
     counts = {}
     for i in draws.tolist():
         counts[seqs[i]] = counts.get(seqs[i], 0) + 1
-    assert chi_square_pvalue(counts, exact_distribution(target, SamplingParams(1.0)), TRIALS) < 1e-6
+    assert goodness_of_fit(counts, exact_distribution(target, SamplingParams(1.0)))["p_value"] < 1e-6
 
 
 # ---------------------------------------------------------------- the training path's measurements

@@ -6,7 +6,9 @@ import torch
 
 from specdec_lib.decoding import Context, generate
 from specdec_lib.methods import make_proposer
-from specdec_lib.methods.ngram import NgramIndex, replay_greedy, scan_frequent, scan_recent
+from specdec_lib.methods.ngram import NgramIndex, scan_frequent, scan_recent
+from specdec_lib.models import EOS_IDS
+from specdec_lib.replay import replay_greedy
 from specdec_lib.sampling import SamplingParams
 
 EOS = 99
@@ -110,15 +112,18 @@ class PlusOne:
     V = 16
     device = torch.device("cpu")
 
-    class Cache:
-        def __init__(self):
-            self.length = 0
+    class Cache:            # what the loop needs of a KV cache: a length, rollback, keep
+        def __init__(self, max_len):
+            self.length, self.max_len = 0, max_len
+
+        def rollback(self, length):
+            self.length = length
 
         def keep(self, start, rows):
             self.length = start + len(rows)
 
     def new_cache(self, max_len):
-        return self.Cache()
+        return self.Cache(max_len)
 
     def forward(self, ids, pos, cache, mask, slots, hidden_layers=(), **kw):
         logits = torch.nn.functional.one_hot((ids + 1) % self.V, self.V).float()
@@ -140,7 +145,7 @@ def test_plus_one_target_exact_steps_and_eos_inside_a_draft():
 def test_replay_matches_the_decode_loop():
     prompt = [0, 1, 2, 3, 4, 5, 0, 1, 2, 9, 10, 11, 12, 3, 4]
     out = generate(PlusOne(), make_proposer("ngram", draft_len=3, max_n=2), prompt, 12)
-    steps = replay_greedy(make_proposer("ngram", draft_len=3, max_n=2), prompt, out.tokens)
+    steps = replay_greedy(make_proposer("ngram", draft_len=3, max_n=2), prompt, out.tokens, EOS_IDS)
     assert steps == [(s.proposed, s.accepted, s.emitted) for s in out.steps]
 
 

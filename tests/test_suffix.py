@@ -7,7 +7,8 @@ import torch
 
 from specdec_lib.decoding import Context, generate
 from specdec_lib.methods import make_proposer
-from specdec_lib.methods.suffix import SuffixTrie, grow_tree, longest_match, replay_greedy
+from specdec_lib.methods.suffix import SuffixTrie, grow_tree, longest_match
+from specdec_lib.replay import replay_greedy
 from specdec_lib.sampling import SamplingParams
 
 
@@ -149,5 +150,5 @@ def test_replay_equals_the_real_loop(tiny_target):
     ref = generate(tiny_target, make_proposer("baseline"), prompt, 24).tokens
     real = generate(tiny_target, make_proposer("suffix", max_spec_factor=3.0, min_token_prob=0.0), prompt, 24)
     rep = replay_greedy(make_proposer("suffix", max_spec_factor=3.0, min_token_prob=0.0), prompt, ref)
-    assert rep["steps"] == [(s.proposed + 1, s.emitted) for s in real.steps]
-    assert rep["accepted"] == real.record.accepted and rep["emitted"] == 24
+    assert rep == [(s.proposed, s.accepted, s.emitted) for s in real.steps]
+    assert sum(a for _, a, _ in rep) == real.record.accepted and sum(e for _, _, e in rep) == 24

@@ -8,7 +8,7 @@ import torch
 from specdec_lib.sampling import SamplingParams, probs_from_logits, sample
 from specdec_lib.tree import Draft
 from specdec_lib.verify import verify
-from tests.conftest import chi_square_pvalue
+from specdec_lib.experiments import goodness_of_fit
 
 V = 16
 GREEDY = SamplingParams(0.0)
@@ -128,7 +128,7 @@ CASES = [
 def test_sampling_preserves_target_distribution(name, params, shape, mode):
     trials = 4000
     counts = spec_sample(params, shape, mode, trials)
-    p = chi_square_pvalue(counts, exact(params), trials)
+    p = goodness_of_fit(counts, exact(params))["p_value"]
     assert p > 1e-3, f"{name}: chi-square p = {p:.2e}"
 
 
@@ -141,4 +141,4 @@ def test_distribution_test_has_power():
         for _ in range(K):
             out.append(int(sample(toy_dist(out, "draft", SamplingParams(1.0))[1], gen)))
         counts[tuple(out)] = counts.get(tuple(out), 0) + 1
-    assert chi_square_pvalue(counts, exact(SamplingParams(1.0)), trials) < 1e-6
+    assert goodness_of_fit(counts, exact(SamplingParams(1.0)))["p_value"] < 1e-6

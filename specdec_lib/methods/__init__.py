@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 # method name -> module in this package (modules for later chapters are added as they land)
 METHODS = {
@@ -14,14 +15,42 @@ METHODS = {
     "draft_model": "draft_model",
     "ngram": "ngram",
     "suffix": "suffix",
+    "medusa": "medusa",
+    "eagle3": "eagle3",
 }
 
 
-def make_proposer(name: str, models=None, **options):
+def _module(name: str):
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}")
     try:
-        module = importlib.import_module(f"{__name__}.{METHODS[name]}")
+        return importlib.import_module(f"{__name__}.{METHODS[name]}")
     except ModuleNotFoundError as e:
         raise ValueError(f"method {name!r} is planned but not written yet ({e.name})") from e
-    return module.build(models, **options)
+
+
+def option_names(name: str) -> set[str] | None:
+    """The options build() accepts: its named parameters, plus the module's OPTIONS when build
+    takes **options. None when that cannot be known (build takes **options, no OPTIONS)."""
+    module = _module(name)
+    params = inspect.signature(module.build).parameters
+    names = {k for k, p in params.items() if k != "models" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        if not hasattr(module, "OPTIONS"):
+            return None
+        names |= set(module.OPTIONS)
+    return names
+
+
+def check_options(name: str, options: dict) -> None:
+    """ValueError naming the valid options when one is unknown (no model needed: run it before loading)."""
+    names = option_names(name)
+    unknown = set(options) - names if names is not None else set()
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {', '.join(sorted(unknown))}: "
+                         f"{name} takes {', '.join(sorted(names)) or 'no options'}")
+
+
+def make_proposer(name: str, models=None, **options):
+    check_options(name, options)
+    return _module(name).build(models, **options)

@@ -15,6 +15,9 @@ class Baseline:
         return Draft.empty()
 
 
+OPTIONS = ()   # none
+
+
 def build(models=None, **options):
     if options:
         raise ValueError(f"the baseline takes no options, got {sorted(options)}")

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from ..decoding import prefill
 from ..qwen2 import KVCache, Qwen2
 from ..sampling import probs_from_logits, sample
-from ..tree import Draft, chain_inputs
+from ..tree import Draft
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -84,13 +85,10 @@ class DraftModel:
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
         """Run the draft over ids after the cached ones; returns the logits of the last one [V_draft]."""
-        cache, dev = self.cache, self.draft.device
-        pos, slots, mask = chain_inputs(cache.length, len(ids), device=dev)
         # subtle: a target-only id (in the padding rows of a larger vocab) has no draft embedding;
         # the draft reads it as id 0. Its guesses get worse there, the output stays the target's.
         known = [t if t < self.draft.config.vocab_size else 0 for t in ids]
-        logits, _ = self.draft(torch.tensor([known], device=dev), pos, cache, mask, slots)
-        cache.length += len(ids)
+        logits, _ = prefill(self.draft, torch.tensor([known], device=self.draft.device), self.cache)
         self.seen.extend(ids)
         return logits[0, -1]
 
@@ -124,6 +122,9 @@ class DraftModel:
         return Draft.chain(drafted, q)
 
 
+OPTIONS = ("target_vocab", "name")   # passed on to DraftModel
+
+
 def build(models=None, draft_len: int = 4, draft: Qwen2 | None = None, **options):
     """make_proposer("draft_model", models, draft_len=4); or pass draft= (and target_vocab=) directly."""
     if draft is None:
@@ -135,161 +136,3 @@ def build(models=None, draft_len: int = 4, draft: Qwen2 | None = None, **options
     if unknown:
         raise ValueError(f"unknown draft_model options {sorted(unknown)}: use draft_len, draft, target_vocab")
     return DraftModel(draft, draft_len, **options)
-
-
-# ---------------------------------------------------------------- for the chapter: a g sweep
-def sweep(models, prompt_sets: dict, draft_lens, max_new_tokens: int = 48, temperature: float = 0.0,
-          seed: int = 0, progress: bool = True) -> dict:
-    """Baseline once per prompt, then the draft model at every g, interleaved (same run, same prompts).
-
-    prompt_sets: {"spec_bench:mt_bench": [Prompt, ...], ...}. Returns {'summaries', 'records'}
-    with the fields of bench.run_benchmark (speedup against the baseline of the same category).
-    Running the baseline once instead of once per g halves the cost of a sweep on a slow machine.
-    """
-    from tqdm.auto import tqdm
-    from ..decoding import generate
-    from ..metrics import check_summary, summarize
-    from ..models import EOS_IDS
-    from . import make_proposer
-
-    base = make_proposer("baseline")
-    first = next(iter(prompt_sets.values()))[0]
-    generate(models.target, base, first.prompt_ids, 4, eos_ids=EOS_IDS)                 # warm-up
-    generate(models.target, build(models, draft_len=2), first.prompt_ids, 4, eos_ids=EOS_IDS)
-    summaries, records = [], []
-    jobs = [(name, i, p) for name, ps in prompt_sets.items() for i, p in enumerate(ps)]
-    recs = {}   # (prompt_set, g or None) -> [RequestRecord]
-    outs = {}
-    for name, i, p in tqdm(jobs, desc=f"draft_model sweep T={temperature}", disable=not progress):
-        for g in [None, *draft_lens]:
-            proposer = base if g is None else build(models, draft_len=g)
-            out = generate(models.target, proposer, p.prompt_ids, max_new_tokens, temperature, seed=seed + i,
-                           eos_ids=EOS_IDS, prompt_id=p.prompt_id)
-            recs.setdefault((name, g), []).append(out.record)
-            outs[(name, g, i)] = out.tokens
-    for name, ps in prompt_sets.items():
-        common = dict(models.provenance(), prompt_set=name, category=name.partition(":")[2] or "all",
-                      temperature=float(temperature), max_new_tokens=max_new_tokens)
-        b = summarize(recs[(name, None)], method="baseline", draft_len=None, **common)
-        b.update(baseline_tokens_per_s=b["tokens_per_s"], speedup=1.0)
-        summaries.append(b)
-        for g in draft_lens:
-            s = summarize(recs[(name, g)], method="draft_model", draft_len=g, **common)
-            s.update(baseline_tokens_per_s=b["tokens_per_s"], speedup=s["tokens_per_s"] / b["tokens_per_s"])
-            if temperature == 0:
-                same = [outs[(name, g, i)] == outs[(name, None, i)] for i in range(len(ps))]
-                s["greedy_match_rate"] = sum(same) / len(same)
-            summaries.append(s)
-        records += [r.to_dict() for key, rs in recs.items() if key[0] == name for r in rs]
-    for s in summaries:
-        check_summary(s)
-    return {"summaries": summaries, "records": records}
-
-
-# ---------------------------------------------------------------- for the chapter: is sampling lossless?
-class PrefixLM:
-    """Next-token logits of a model after `prompt + suffix`, for short suffixes, memoised.
-
-    The prompt is prefilled once; each new suffix costs one forward over [prompt[-1]] + suffix
-    from the rolled-back cache, and stores the rows of every prefix of the suffix.
-    """
-    def __init__(self, model: Qwen2, prompt: list[int], max_suffix: int = 8):
-        self.model, self.prompt, self.rows = model, list(prompt), {}
-        self.cache = model.new_cache(len(prompt) + max_suffix + 1)
-        self.forwards = 0
-        with torch.inference_mode():
-            if len(prompt) > 1:
-                pos, slots, mask = chain_inputs(0, len(prompt) - 1, device=model.device)
-                model(torch.tensor([prompt[:-1]], device=model.device), pos, self.cache, mask, slots)
-        self.cache.length = len(prompt) - 1
-
-    @torch.inference_mode()
-    def logits(self, suffix) -> torch.Tensor:
-        suffix = tuple(suffix)
-        if suffix not in self.rows:
-            ids = [self.prompt[-1], *suffix]
-            self.cache.rollback(len(self.prompt) - 1)
-            pos, slots, mask = chain_inputs(self.cache.length, len(ids), device=self.model.device)
-            out, _ = self.model(torch.tensor([ids], device=self.model.device), pos, self.cache, mask, slots)
-            self.forwards += 1
-            for j in range(len(ids)):
-                self.rows.setdefault(suffix[:j], out[0, j].float().cpu())
-        return self.rows[suffix]
-
-
-def sample_first_tokens(target: PrefixLM, draft: PrefixLM | None, n_tokens: int, draft_len: int,
-                        temperature: float, trials: int, seed: int = 0, top_p: float = 1.0) -> dict:
-    """Counts of the first n_tokens over `trials` seeds: speculative (draft given) or plain sampling.
-
-    The speculative path is the one generate() takes: draft_len tokens drawn from the draft's q,
-    the target's rows for root + draft, the shared verifier, the emitted tokens appended. Only
-    the forwards are memoised (both models see exactly the contexts they would see).
-    """
-    from ..sampling import SamplingParams
-    from ..verify import verify
-    params = SamplingParams(temperature, top_p)
-    gen = torch.Generator().manual_seed(seed)
-    vocab = min(target.model.config.vocab_size, draft.model.config.vocab_size) if draft else None
-    counts, probs = {}, {}
-
-    def dist(lm, ctx):   # the distribution a model samples from after ctx (memoised too)
-        key = (id(lm), tuple(ctx))
-        if key not in probs:
-            p = probs_from_logits(lm.logits(ctx), params)
-            probs[key] = p if lm is target else fit_vocab(p, vocab, target.model.config.vocab_size)
-        return probs[key]
-
-    for _ in range(trials):
-        out = []
-        while len(out) < n_tokens:
-            if draft is None:
-                out.append(int(sample(dist(target, out), gen)))
-                continue
-            chain, qs = [], []
-            for _ in range(draft_len):
-                q = dist(draft, out + chain)
-                chain.append(int(sample(q, gen)))
-                qs.append(q)
-            target.logits(out + chain)    # one forward fills the rows of every prefix
-            rows = torch.stack([target.logits(out + chain[:j]) for j in range(draft_len + 1)])
-            out += verify(Draft.chain(chain, torch.stack(qs)), rows, params, gen).emitted
-        key = tuple(out[:n_tokens])
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def exact_first_tokens(target: PrefixLM, temperature: float, n_tokens: int = 2, min_prob: float = 1e-4,
-                       top_p: float = 1.0) -> dict:
-    """P(first n_tokens) under the target, for sequences whose every prefix has probability >= min_prob."""
-    from ..sampling import SamplingParams
-    params = SamplingParams(temperature, top_p)
-    probs = {(): 1.0}
-    for _ in range(n_tokens):
-        nxt = {}
-        for seq, pr in probs.items():
-            p = probs_from_logits(target.logits(seq), params)
-            for x in torch.nonzero(p * pr >= min_prob).flatten().tolist():
-                nxt[seq + (x,)] = pr * float(p[x])
-        probs = nxt
-    return probs
-
-
-def goodness_of_fit(counts: dict, probs: dict, min_expected: float = 5.0) -> dict:
-    """Chi-square test of observed counts against exact probabilities, plus total variation distance.
-
-    Sequences with expected count < min_expected are pooled into one 'other' bin (with the mass
-    below min_prob that exact_first_tokens left out), so the chi-square approximation holds.
-    """
-    from scipy.stats import chi2
-    n = sum(counts.values())
-    bins = [s for s, p in probs.items() if p * n >= min_expected]
-    obs = [counts.get(s, 0) for s in bins]
-    exp = [probs[s] * n for s in bins]
-    obs.append(n - sum(obs))
-    exp.append(n - sum(exp))
-    if exp[-1] < 1e-9:                      # nothing left over: no 'other' bin
-        obs, exp = obs[:-1], exp[:-1]
-    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
-    tv = 0.5 * sum(abs(counts.get(s, 0) / n - probs.get(s, 0.0)) for s in set(counts) | set(probs))
-    return {"chi2": stat, "dof": len(obs) - 1, "p_value": float(chi2.sf(stat, len(obs) - 1)), "tv": tv,
-            "bins": len(obs), "trials": n}

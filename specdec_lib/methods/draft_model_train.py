@@ -26,8 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..decoding import prefill
 from ..qwen2 import Qwen2, rope_cos_sin
-from ..tree import chain_inputs
+from ..replay import replay_greedy
+from ..tree import Draft
 
 DRAFT_LENS = (1, 2, 3, 4, 6, 8)
 
@@ -52,14 +54,10 @@ def greedy_batch(model: Qwen2, prompts: list[list[int]], n_new: int, batch: int 
         ids = torch.tensor(prompts[s:s + batch], device=dev)     # [B, P]
         B, P = ids.shape
         cache = model.new_cache(P + n_new, batch=B)
-        pos, slots, mask = chain_inputs(0, P, device=dev)
-        logits, _ = model(ids, pos.expand(B, -1), cache, mask, slots)
-        cache.length = P
+        logits, _ = prefill(model, ids, cache)
         new = [logits[:, -1].argmax(-1)]
-        for _ in range(n_new - 1):
-            pos, slots, mask = chain_inputs(cache.length, 1, device=dev)
-            logits, _ = model(new[-1][:, None], pos.expand(B, -1), cache, mask, slots)
-            cache.length += 1
+        for _ in range(n_new - 1):                                   # one token per row and step
+            logits, _ = prefill(model, new[-1][:, None], cache)
             new.append(logits[:, -1].argmax(-1))
         out += torch.stack(new, 1).tolist()
     return out
@@ -76,8 +74,7 @@ def trunk_features(model: Qwen2, seqs: list[list[int]], n_frozen: int) -> list[t
             feats.append(model.model.embed_tokens(ids_t)[0].float())
             continue
         cache = model.new_cache(len(ids))
-        pos, slots, mask = chain_inputs(0, len(ids), device=model.device)
-        _, h = model(ids_t, pos, cache, mask, slots, hidden_layers=(n_frozen,))
+        _, h = prefill(model, ids_t, cache, hidden_layers=(n_frozen,), logits=False)
         feats.append(h[n_frozen][0].float())
     return feats
 
@@ -129,25 +126,34 @@ def draft_guesses(head: Head, feats: list[torch.Tensor], prompt_lens: list[int])
     return out
 
 
+class _Guesses:
+    """A proposer that drafts the draft's teacher-forced guesses from where the output stands."""
+    name, hidden_layers = "teacher_forced", ()
+
+    def __init__(self, guesses: list[int], g: int):
+        self.guesses, self.g = guesses, g
+
+    def reset(self, prompt_ids) -> None:
+        pass
+
+    def propose(self, ctx) -> Draft:
+        done = len(ctx.tokens) - ctx.prompt_len
+        return Draft.chain(self.guesses[done:done + min(self.g, ctx.max_draft)])
+
+
 def replay_acceptance(guesses: list[int], reference: list[int], g: int) -> tuple[int, int, int]:
     """Replay greedy speculation with draft length g against a reference continuation.
 
     guesses[i] = the draft's argmax after reference[:i]. At position i the draft proposes
     guesses[i], guesses[i+1], ... (each is what it would say after the earlier ones, as long as
-    they matched), accepted up to the first mismatch; then one bonus token. Returns
+    they matched), accepted up to the first mismatch; then one bonus token: exactly the shared
+    greedy replay (replay.py) of a proposer that reads its drafts off `guesses`. Returns
     (proposed, accepted, steps). Example: reference [5, 6, 7], guesses [5, 9, 7, x], g = 2 ->
     step 1 proposes [5, 9], accepts 1 (+ bonus 6); step 2 has one token left, which is always a
     bonus, so it proposes nothing -> (2, 1, 2).
     """
-    i = proposed = accepted = steps = 0
-    n = len(reference)
-    while i < n:
-        gg = min(g, n - i - 1)      # as in generate: the last token is always a bonus
-        k = 0
-        while k < gg and guesses[i + k] == reference[i + k]:
-            k += 1
-        proposed, accepted, steps, i = proposed + gg, accepted + k, steps + 1, i + k + 1
-    return proposed, accepted, steps
+    steps = replay_greedy(_Guesses(guesses, g), [], reference)
+    return sum(p for p, _, _ in steps), sum(a for _, a, _ in steps), len(steps)
 
 
 def acceptance_table(guesses, references, draft_lens=DRAFT_LENS) -> dict:

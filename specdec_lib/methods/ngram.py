@@ -212,15 +212,3 @@ class NgramProposer:
 def build(models=None, draft_len: int = 4, max_n: int = 3, min_n: int = 1, policy: str = "recent",
           adaptive: bool = False, max_draft_len: int | None = None, lookup: str = "index", eos_ids=EOS_IDS):
     return NgramProposer(draft_len, max_n, min_n, policy, adaptive, max_draft_len, lookup, eos_ids)
-
-
-# ------------------------------------------------------------------ exact replay (no model)
-def replay_greedy(proposer, prompt_ids, reference_ids, eos_ids=EOS_IDS) -> list[tuple[int, int, int]]:
-    """`specdec_lib.replay.replay_greedy` with the Qwen end-of-turn tokens as EOS.
-
-    Under greedy verification a draft token is accepted iff it equals the target's next greedy
-    token, so for a proposer that needs no model the whole run follows from reference_ids alone.
-    Returns one (proposed, accepted, emitted) per step; tokens fed to the target = proposed + 1.
-    """
-    from ..replay import replay_greedy as replay
-    return replay(proposer, prompt_ids, reference_ids, eos_ids)

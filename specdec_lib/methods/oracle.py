@@ -53,6 +53,9 @@ class Oracle:
         return Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
 
+OPTIONS = ("error_rate", "branches", "vocab_size", "seed")   # passed on to Oracle
+
+
 def build(models=None, continuations=None, draft_len: int = 4, **options):
     if continuations is None:
         raise ValueError("the oracle needs continuations={prompt ids: target greedy output}")

@@ -16,8 +16,8 @@ tree mask), so the output is exactly the target's.
 
 Learning across requests: call `proposer.observe(output_tokens)` after a request to put its full
 output in the global cache. If you do not, `reset` of the next request adds the previous output
-as far as the proposer saw it (all but the last step's tokens), so `bench.run_benchmark` also
-warms the cache.
+as far as the proposer saw it (all but the last step's tokens). The harness in experiments.py
+calls `observe` after every request.
 
 A trie of depth D: every substring of length <= D of the inserted sequences is a path from the
 root, and its node counts how often it occurs. [1, 2, 1, 2] with D = 2:
@@ -252,98 +252,8 @@ class SuffixProposer:
         return Draft(torch.tensor(best["tokens"], dtype=torch.long), torch.tensor(best["parents"], dtype=torch.long))
 
 
+OPTIONS = ("draft_len", "max_spec_factor", "min_token_prob", "max_depth", "max_match", "cache_size", "use_request")
+
+
 def build(models=None, **options) -> SuffixProposer:
     return SuffixProposer(**options)
-
-
-# -- exact greedy replay ---------------------------------------------------------------------
-def replay_greedy(proposer, prompt_ids, reference, max_new_tokens: int | None = None) -> dict:
-    """Run the decode loop against a known greedy continuation, without any model (replay.py).
-
-    Under greedy verification a draft node is accepted iff its path spells the target's greedy
-    continuation, so `reference` (the target's greedy output) decides everything: this gives the
-    acceptance the target would give, exactly. Works for any proposer that needs no hidden states.
-    Returns steps [(tokens fed to the target, tokens emitted)], proposed, accepted, emitted.
-    """
-    from ..replay import replay_greedy as replay
-    steps = replay(proposer, prompt_ids, reference, max_new_tokens=max_new_tokens)
-    return dict(steps=[(p + 1, e) for p, _, e in steps], proposed=sum(p for p, _, _ in steps),
-                accepted=sum(a for _, a, _ in steps), emitted=sum(e for _, _, e in steps))
-
-
-# -- the chapter's workload runner -----------------------------------------------------------
-def run_workload(models, proposers: dict, prompts, max_new_tokens: int, prompt_set: str, category: str,
-                 progress: bool = True) -> dict:
-    """Requests in order, as a server would see them; for each: the baseline, then every proposer.
-
-    proposers: {label: proposer}. A proposer with `observe` learns its own output after each
-    request (so a suffix proposer's global cache warms across the sequence). Greedy, bf16 or not.
-    Returns {'summaries': one per label (baseline first, metrics.SUMMARY_FIELDS + provenance),
-    'per_request': one row per (request, label), 'outputs': the baseline's tokens per prompt}.
-    """
-    from tqdm.auto import tqdm
-
-    from ..decoding import generate
-    from ..metrics import check_summary, summarize
-    from ..models import EOS_IDS
-    from . import make_proposer
-
-    base = make_proposer("baseline")
-    generate(models.target, base, prompts[0].prompt_ids, 4, eos_ids=EOS_IDS)      # warm-up
-    records = {"baseline": [], **{k: [] for k in proposers}}
-    matches = {k: [] for k in proposers}
-    rows, outputs = [], []
-    for i, p in enumerate(tqdm(prompts, desc=category, disable=not progress)):
-        b = generate(models.target, base, p.prompt_ids, max_new_tokens, eos_ids=EOS_IDS, prompt_id=p.prompt_id)
-        records["baseline"].append(b.record)
-        outputs.append(b.tokens)
-        for label, prop in proposers.items():
-            out = generate(models.target, prop, p.prompt_ids, max_new_tokens, eos_ids=EOS_IDS, prompt_id=p.prompt_id)
-            if hasattr(prop, "observe"):
-                prop.observe(out.tokens)
-            records[label].append(out.record)
-            matches[label].append(out.tokens == b.tokens)
-            r = out.record
-            rows.append(dict(request=i, method=label, category=category, acceptance_rate=r.acceptance_rate,
-                             mean_accepted_len=r.mean_accepted_len,
-                             speedup=b.record.wall_s / r.wall_s if r.wall_s else None,
-                             greedy_match=out.tokens == b.tokens))
-    common = dict(models.provenance(), prompt_set=prompt_set, category=category, temperature=0.0,
-                  max_new_tokens=max_new_tokens)
-    base_sum = summarize(records["baseline"], method="baseline", draft_len=None, **common)
-    base_tps = base_sum["tokens_per_s"]
-    base_sum.update(baseline_tokens_per_s=base_tps, speedup=1.0)
-    summaries = [base_sum]
-    for label, prop in proposers.items():
-        knobs = {k: getattr(prop, k) for k in ("max_spec_factor", "min_token_prob", "cache_size", "max_n")
-                 if hasattr(prop, k)}
-        s = summarize(records[label], method=label, draft_len=getattr(prop, "draft_len", None), **common, **knobs)
-        s.update(baseline_tokens_per_s=base_tps, speedup=s["tokens_per_s"] / base_tps if base_tps else None,
-                 greedy_match_rate=sum(matches[label]) / len(matches[label]))
-        summaries.append(s)
-    for s in summaries:
-        check_summary(s)
-    return dict(summaries=summaries, per_request=rows, outputs=outputs)
-
-
-def replay_summary(proposer, prompts, references, curve: dict, learn: bool = True, **fields) -> dict:
-    """Exact greedy replay of a request sequence (no model): acceptance, tau, and the speedup that
-    `costmodel.replay_speedup` predicts from the steps with a measured cost curve."""
-    from ..costmodel import replay_speedup
-
-    steps, proposed, accepted = [], 0, 0
-    for p, ref in zip(prompts, references):
-        r = replay_greedy(proposer, p.prompt_ids, ref)
-        if learn and hasattr(proposer, "observe"):
-            proposer.observe(ref)
-        steps += r["steps"]
-        proposed += r["proposed"]
-        accepted += r["accepted"]
-    emitted = sum(e for _, e in steps)
-    out = dict(n_prompts=len(prompts), steps=len(steps), new_tokens=emitted,
-               acceptance_rate=accepted / proposed if proposed else 0.0,
-               mean_accepted_len=emitted / len(steps) if steps else 0.0,
-               speedup=replay_speedup(steps, curve), tokens_per_s=0.0, baseline_tokens_per_s=None,
-               temperature=0.0, draft_len=getattr(proposer, "draft_len", None))
-    out.update(fields)
-    return out
