@@ -195,6 +195,10 @@ def load_gguf_model(path: Path):
 
 
 def main(argv=None):
+    argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    if argv[:1] == ["live"]:            # every method live on the real pair: bench_live.py
+        from .bench_live import live_main
+        return live_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf-dir", default=None, help="folder with the two GGUF files of `make models`")
     ap.add_argument("--out", default=str(OUT))

@@ -25,24 +25,9 @@ from functools import partial
 
 import torch
 
+from .timing import cuda_time
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def cuda_time(fn, reps: int = 20, warmup: int = 3, before=None) -> float:
-    """Median seconds of fn() on the GPU, timed with CUDA events; before() runs untimed ahead of each."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if before is not None:
-            before()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 class GraphRunner:
@@ -64,6 +49,11 @@ class GraphRunner:
         self.cache = model.new_cache(max_len)
         self.max_len = max_len
         dev = model.device
+        # On a CPU there are no CUDA graphs: capture() then only marks the runner ready and each step
+        # runs eagerly from the same padded, bucketed static buffers (so a CPU test exercises the
+        # bucketing and padding a GPU replays).
+        self.on_gpu = torch.device(dev).type == "cuda"
+        self.ready = False
         # Per bucket b: one int64 block [3, b] (ids, positions, slots) and one bool mask [b, max_len],
         # on the device (what the graph reads) and pinned on the host (what we fill each step), so a
         # step costs two host-to-device copies before the replay.
@@ -72,7 +62,8 @@ class GraphRunner:
             idx = torch.stack([torch.zeros(b, dtype=torch.long), torch.arange(b), torch.arange(b)])
             mask = torch.eye(b, max_len, dtype=torch.bool)
             self.static[b] = dict(idx=idx.to(dev), mask=mask.to(dev))
-            self.host[b] = dict(idx=idx.pin_memory(), mask=mask.pin_memory())
+            self.host[b] = dict(idx=idx.pin_memory(), mask=mask.pin_memory()) if self.on_gpu else \
+                dict(idx=idx.clone(), mask=mask.clone())
         self.graphs, self.outputs, self.variant, self.replay_s = {}, {}, {}, {}
         self.pool = None
 
@@ -83,6 +74,10 @@ class GraphRunner:
     @torch.inference_mode()
     def capture(self):
         """Record one graph per bucket (largest first, sharing one memory pool)."""
+        if not self.on_gpu:
+            self.variant = {b: self._variants(b)[0] for b in self.buckets}
+            self.ready = True
+            return self
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -101,7 +96,12 @@ class GraphRunner:
                 if b not in self.graphs or t < self.replay_s[b]:
                     self.graphs[b], self.outputs[b], self.variant[b], self.replay_s[b] = g, out, variant, t
         torch.cuda.synchronize()
+        self.ready = True
         return self
+
+    def bucket(self, T: int) -> int | None:
+        """The bucket a T-token step is padded to (None: larger than every bucket, runs eagerly)."""
+        return next((b for b in self.buckets if b >= T), None)
 
     def step_forward(self, T: int, variant: str | None = None):
         """The function that runs a T-token step inside the graphs (Qwen2.forward's signature)."""
@@ -116,11 +116,13 @@ class GraphRunner:
         return self.step_forward(b, variant)(ids, pos, self.cache, s["mask"], slots, self.hidden_layers)
 
     def __call__(self, ids, pos, cache, attn_mask, slots, hidden_layers=(), logits=True):
+        """Qwen2.forward's signature. hidden_layers may be any subset of the runner's own (the graphs
+        return those layers; a proposer that needs none still runs in the same graphs)."""
         T = ids.shape[1]
-        bucket = next((b for b in self.buckets if b >= T), None)
+        bucket = self.bucket(T)
         start = int(cache.length)
-        if (cache is not self.cache or not logits or bucket is None or tuple(hidden_layers) != self.hidden_layers
-                or start + bucket > self.max_len or attn_mask.shape[-1] != self.max_len or not self.graphs):
+        if (cache is not self.cache or not logits or bucket is None or not set(hidden_layers) <= set(self.hidden_layers)
+                or start + bucket > self.max_len or attn_mask.shape[-1] != self.max_len or not self.ready):
             # prefill and anything unusual run eagerly (same function, same numbers)
             dev = self.model.device
             return self.model(ids.to(dev), pos.to(dev), cache, attn_mask.to(dev), slots.to(dev), hidden_layers,
@@ -140,11 +142,14 @@ class GraphRunner:
             h["mask"][torch.arange(T, bucket), pad] = True
         s["idx"].copy_(h["idx"], non_blocking=True)
         s["mask"].copy_(h["mask"], non_blocking=True)
-        # subtle: the next step refills the pinned buffers only after reading this step's logits,
-        # which waits for the stream, so a copy never reads a half-written buffer.
-        self.graphs[bucket].replay()
-        out_logits, out_hidden = self.outputs[bucket]
-        return out_logits[:, :T], {k: v[:, :T] for k, v in out_hidden.items()}
+        if self.on_gpu:
+            # subtle: the next step refills the pinned buffers only after reading this step's logits,
+            # which waits for the stream, so a copy never reads a half-written buffer.
+            self.graphs[bucket].replay()
+            out_logits, out_hidden = self.outputs[bucket]
+        else:
+            out_logits, out_hidden = self._forward(bucket, self.variant[bucket])
+        return out_logits[:, :T], {k: out_hidden[k][:, :T] for k in hidden_layers}
 
 
 class GreedyChain:
@@ -228,3 +233,60 @@ class GreedyChain:
                  for _ in new]
         record = request_record("baseline_device_loop", prompt_id, len(prompt), steps, prefill_s, wall)
         return GenerationResult(new, steps, record, stop)
+
+
+class GraphDraft:
+    """A small model behind a GraphRunner, for a proposer that runs its own model (the draft model).
+
+    It stands in for the Qwen2 the proposer was given: `forward` / calling it goes through the runner,
+    so each one-token draft step is one graph replay instead of hundreds of launches. Because the
+    graphs write into the runner's cache (fixed addresses), `new_cache` hands out that cache, whatever
+    size is asked (it holds runner.max_len slots). Masks [T, S] are widened to the runner's static
+    width (the extra columns are hidden), and `device` is the CPU: the proposer builds its step
+    inputs on the host and the runner ships them in its two copies.
+    """
+
+    def __init__(self, runner: GraphRunner):
+        self.runner, self.model, self.config = runner, runner.model, runner.model.config
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def new_cache(self, max_len: int, batch: int = 1):
+        if batch != 1:
+            raise ValueError("GraphDraft serves batch 1 only")
+        self.runner.cache.rollback(0)
+        return self.runner.cache
+
+    def forward(self, ids, pos, cache, attn_mask, slots, hidden_layers=(), logits=True):
+        T, S = attn_mask.shape[-2:]
+        if S > self.runner.max_len:
+            raise ValueError(f"a mask over {S} slots does not fit the runner's {self.runner.max_len}: "
+                             f"build the draft's GraphRunner with a larger max_len")
+        mask = torch.zeros(T, self.runner.max_len, dtype=torch.bool)
+        mask[:, :S] = attn_mask.reshape(T, S).cpu()
+        return self.runner(ids.cpu(), pos.cpu(), cache, mask, slots.cpu(), hidden_layers, logits)
+
+    __call__ = forward
+
+
+def fast_forward(model, max_len: int, hidden_layers=()):
+    """What a chapter passes to `generate` to run on the GPU fast path: (forward, cache, kv_len).
+
+        forward, cache, kv_len = fast_forward(models.target, max_len=4096)
+        generate(models.target, proposer, prompt, 256, forward=forward, cache=cache, kv_len=kv_len)
+
+    On a GPU: a captured GraphRunner (fused Triton kernels for steps of <= 16 tokens, compiled blocks
+    beyond), returning the hidden layers a learned proposer needs. On a CPU: the plain forward and a
+    cache of max_len slots (generate's default path; nothing to capture). Capture takes ~30-60 s
+    per model on an H200 (compile + kernel tuning), so build it once per model and reuse it.
+    """
+    if model.device.type != "cuda":
+        return model.forward, model.new_cache(max_len), None
+    runner = GraphRunner(model, max_len, hidden_layers=hidden_layers, compile=True, fused=True).capture()
+    return runner, runner.cache, max_len

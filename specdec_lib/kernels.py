@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .timing import cuda_time
+
 MAX_T = 16   # the fused path serves steps of at most this many new tokens
 
 
@@ -64,12 +66,13 @@ def _pick_config(key, T: int, launch) -> tuple:
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         _chosen[key] = candidates[3 if T == 1 else 0]
         return _chosen[key]
-    assert not torch.cuda.is_current_stream_capturing(), f"untuned kernel shape {key} met during capture"
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"kernel shape {key} was not tuned before CUDA-graph capture: run the step once "
+                           "outside the capture first (GraphRunner.capture does this in its warm-up)")
     # subtle: a 1.5B layer's matrices (5-55 MB) fit in the H200's 60 MB L2 cache, so timing repeated
     # launches would pick the configuration fastest at reading L2. In a real step every weight comes
     # from HBM (the model is 50x the L2), so each timed launch follows a 256 MB read that evicts the
     # cache (a read, not a write: written lines would be written back during the timed launch).
-    from .cuda_graphs import cuda_time
     flush = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
     times = {cfg: cuda_time(lambda: launch(cfg), reps=9, warmup=1, before=flush.max) for cfg in candidates}
     _chosen[key] = min(times, key=times.get)
@@ -169,8 +172,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias=None, norm=None, eps: float = 
     else:
         _, nh, T, hd = x.shape
         K, stride_xt, stride_xh, xhd = nh * hd, x.stride(2), x.stride(1), hd
-        assert x.stride(3) == 1
-    assert T <= MAX_T and w.is_contiguous() and w.shape[1] == K and (head_dim is not None or x.stride(1) == 1)
+        if x.stride(3) != 1:
+            raise ValueError(f"attention output must be contiguous in head_dim (stride {x.stride(3)}): "
+                             "pass .contiguous()")
+    if T > MAX_T:
+        raise ValueError(f"the fused linear takes at most {MAX_T} rows, got {T}: use torch for larger steps")
+    if not w.is_contiguous():
+        raise ValueError("weight must be contiguous: pass w.contiguous()")
+    if w.shape[1] != K:
+        raise ValueError(f"weight has {w.shape[1]} inputs but x has {K}: shapes {tuple(w.shape)} and {tuple(x.shape)}")
+    if head_dim is None and x.stride(1) != 1:
+        raise ValueError("x must be contiguous along its last dimension: pass x.contiguous()")
+    if swiglu and w.shape[0] % 2:
+        raise ValueError(f"swiglu needs [2N, K] weights (gate rows, then up rows), got {w.shape[0]} rows")
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(T, N, device=w.device, dtype=w.dtype)
     dummy = w   # unused pointer arguments (their branch is compiled out)
@@ -222,7 +236,9 @@ def rope_and_cache(qkv, cos, sin, slots, k_cache, v_cache, nh: int, nkv: int, hd
     Writes k, v into the cache; returns q [1, nh, T, hd] rotated."""
     T = qkv.shape[0]
     q = torch.empty(1, nh, T, hd, device=qkv.device, dtype=qkv.dtype)
-    assert k_cache.stride(-1) == 1 and k_cache.stride(-2) == hd and k_cache.stride() == v_cache.stride()
+    if not (k_cache.stride(-1) == 1 and k_cache.stride(-2) == hd and k_cache.stride() == v_cache.stride()):
+        raise ValueError(f"k/v caches must be [1, nkv, max_len, {hd}] with contiguous rows and equal strides, "
+                         f"got strides {k_cache.stride()} and {v_cache.stride()}")
     _rope_cache_kernel[(T, nh + 2 * nkv)](qkv, cos, sin, slots, q, k_cache, v_cache, T, k_cache.stride(1),
                                           NH=nh, NKV=nkv, HD=hd)
     return q

@@ -1,0 +1,65 @@
+"""`bench_gpu live` on the CPU (tiny models, float32): the GPU command's code path with eager forwards
+in the runner's padded buckets. Every method's output equals our baseline's, and the files follow the schema."""
+import pytest
+import torch
+
+from specdec_lib.bench_live import live, parse_methods, repeated_workload, write_results
+from specdec_lib.cuda_graphs import GraphRunner
+from specdec_lib.decoding import generate
+from specdec_lib.methods import make_proposer
+from specdec_lib.metrics import check_summary, read_json
+from specdec_lib.models import load_profile
+
+
+def test_parse_methods():
+    assert parse_methods("ngram:max_n=3:draft_len=4,suffix") == [
+        ("ngram:max_n=3:draft_len=4", "ngram", {"max_n": 3, "draft_len": 4}), ("suffix", "suffix", {})]
+    with pytest.raises(ValueError, match="key=value"):
+        parse_methods("ngram:3")
+    with pytest.raises(ValueError, match="twice"):
+        parse_methods("ngram,ngram")
+
+
+def test_runner_cpu_mode_buckets_and_padding(tiny_target):
+    """GraphRunner on a CPU runs each step padded to its bucket from the static buffers: a noisy tree
+    oracle through it gives the eager baseline's tokens (float32)."""
+    prompt = list(range(1000, 1040))
+    ref = generate(tiny_target, make_proposer("baseline"), prompt, 24).tokens
+    runner = GraphRunner(tiny_target, 128, hidden_layers=(1, -1)).capture()
+    run = dict(forward=runner, kv_len=128, cache=runner.cache)
+    tree = make_proposer("oracle", continuations={tuple(prompt): ref}, draft_len=5, error_rate=0.3, branches=3, seed=1)
+    assert generate(tiny_target, tree, prompt, 24, **run).tokens == ref
+    assert generate(tiny_target, make_proposer("baseline"), prompt, 24, **run).tokens == ref
+    # a subset of the runner's hidden layers comes back, equal to the eager forward's
+    from specdec_lib.tree import chain_inputs
+    runner.cache.rollback(0)
+    pos, slots, mask = chain_inputs(0, 3, 128)
+    ids = torch.tensor([[5, 6, 7]])
+    _, h = runner(ids, pos, runner.cache, mask, slots, (-1,))
+    cache = tiny_target.new_cache(128)
+    _, want = tiny_target(ids, pos, cache, mask, slots, (-1,))
+    assert set(h) == {-1}
+    torch.testing.assert_close(h[-1], want[-1])
+
+
+def test_live_tiny(tmp_path):
+    models = load_profile("tiny", "cpu", torch.float32)
+    sets = {"agentic:dataclass": repeated_workload(models.tokenizer, 2)}
+    methods = parse_methods("draft_model:draft_len=3,ngram,suffix:cache_size=0,suffix,oracle:draft_len=4")
+    out = live(models, methods, sets, new_tokens=10, peer_prompts=1, peer_tokens=4, oracle_prompts=1,
+               buckets=(1, 2, 4, 8), progress=False)
+    rows = {s["method"]: s for s in out["summaries"]}
+    assert set(rows) >= {"baseline", "baseline_device_loop", "transformers_generate", "transformers_assisted",
+                         "transformers_prompt_lookup", *(m[0] for m in methods)}
+    for label, *_ in methods:
+        assert rows[label]["greedy_match_rate"] == 1.0, label          # float32: lossless
+        assert rows[label]["n_prompts"] == 2 and rows[label]["predicted_speedup"] > 0
+    assert rows["baseline_device_loop"]["greedy_match_rate"] == 1.0
+    assert rows["transformers_generate"]["greedy_match_rate"] == 1.0
+    assert rows["oracle:draft_len=4"]["acceptance_rate"] == 1.0
+    assert out["run"]["rounds_done"] == 2 and set(out["run"]["oracle_real"]) == {"target", "draft_as_target"}
+    paths = write_results(out, tmp_path)
+    assert {p.parent.name for p in paths} == {"01_cost", "02_draft_model", "03_ngram", "04_suffix"}
+    for s in read_json(tmp_path / "04_suffix" / "h200_live.json"):
+        check_summary(s)
+        assert s.get("chapter", "04_suffix") == "04_suffix"
