@@ -114,7 +114,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def grouped_attention(q, k, v, mask):
     """Grouped-query attention written as two matmuls: each kv head serves rep = nh / nkv query heads.
 
-    q: [B, nh, T, hd]; k, v: [B, nkv, S, hd]; mask: [T, S] additive. The rep query heads of a group
+    q: [B, nh, T, hd]; k, v: [B, nkv, S, hd]; mask: [T, S] additive, shared by every row of the
+    batch, or [B, 1, T, S] (one mask per row: left-padded batches of prompts). The rep query heads of a group
     are stacked along the row axis, so keys and values are never copied rep times. For the few new
     tokens of a decode or verify step (T <= 64) this is faster on a CPU than the fused SDPA kernel
     (measured: book/setup.md); longer prefills and GPUs use SDPA.
@@ -129,6 +130,8 @@ def grouped_attention(q, k, v, mask):
     rep = nh // nkv
     qg = q.reshape(B, nkv, rep * T, hd)                                 # [B, nkv, rep*T, hd]
     scores = (qg @ k.transpose(-1, -2)).float() * (hd ** -0.5)          # [B, nkv, rep*T, S]
+    if mask.dim() == 4:                                                  # [B, 1, T, S] -> [B, 1, 1, T, S]
+        mask = mask[:, :, None]
     scores = scores.view(B, nkv, rep, T, -1) + mask.float()             # same mask for every head
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, nkv, rep * T, -1)
     return (probs @ v).view(B, nh, T, hd)
@@ -233,7 +236,9 @@ class Qwen2(nn.Module):
 
         ids, pos: [B, T] token ids and their RoPE positions (in a tree, position = depth, not slot).
         cache: keys/values of earlier tokens; the new ones are written at `slots` [T].
-        attn_mask: [T, S] bool, True = may attend; column j is cache slot j (S <= max_len).
+        attn_mask: [T, S] bool, True = may attend; column j is cache slot j (S <= max_len). Or [B, T, S]:
+            one mask per batch row (a left-padded batch: row b hides its padding slots). subtle: every
+            query row must see at least one slot (a padding row sees itself), else softmax gives NaN.
         hidden_layers: indices into the residual stream as transformers numbers `hidden_states`:
             0 = embeddings, i = after block i, num_layers = after the final norm; negatives wrap.
         Returns logits [B, T, V] (None when logits=False: a prefill only fills the cache, and the
@@ -250,6 +255,8 @@ class Qwen2(nn.Module):
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         # additive float mask: 0 where visible, -inf elsewhere (bool masks misbehave in some kernels)
         mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~attn_mask, float("-inf"))
+        if mask.dim() == 3:   # [B, T, S] -> [B, 1, T, S]: broadcast over heads
+            mask = mask[:, None]
         if 0 in want:
             hidden[0] = x
         block_fn = block_fn or Block.forward
