@@ -187,6 +187,33 @@ def timing_model(config=QWEN25_7B):
     return model
 
 
+# usable memory as nvidia-smi reports it (MiB), for "which GPUs does this fit"
+GPUS_MIB = {"T4 (16 GB)": 15360, "A10G (24 GB)": 23028, "L4 (24 GB)": 23034, "RTX 4090 (24 GB)": 24564,
+            "A100 40GB": 40960, "A100 80GB": 81920, "H100 80GB": 81559, "H200": 143771}
+CONTEXT_GIB = 0.6   # the CUDA context and cuBLAS/Triton workspaces, not counted by the allocator
+
+
+def fits(peak_bytes: int) -> list[str]:
+    """The GPUs (GPUS_MIB) whose memory holds this peak plus the CUDA context."""
+    need_mib = peak_bytes / 2**20 + CONTEXT_GIB * 1024
+    return [name for name, mib in GPUS_MIB.items() if mib >= need_mib]
+
+
+def profile_memory(models: dict) -> dict:
+    """Peak memory of each profile's pair on the fast path: the sum of the two models' measured peaks
+    (each with its own runner, cache of ~1k tokens, graphs; measured one at a time, so the sum is an
+    upper bound on one process holding both). qwen7b's 0.5B draft has the real 0.5B's shapes."""
+    out = {}
+    pairs = {"small (1.5B + 0.5B)": ("small_target", "small_draft"),
+             "qwen7b (7B + 0.5B)": ("7b_shapes", "small_draft")}
+    for name, (t, d) in pairs.items():
+        if t in models and d in models:
+            peak = models[t]["peak_memory_bytes"] + models[d]["peak_memory_bytes"]
+            out[name] = {"peak_memory_bytes": peak, "fits": fits(peak),
+                         "parts": {t: models[t]["peak_memory_bytes"], d: models[d]["peak_memory_bytes"]}}
+    return out
+
+
 def load_gguf_model(path: Path):
     from transformers import AutoModelForCausalLM
     from .qwen2 import from_transformers
@@ -242,7 +269,11 @@ def main(argv=None):
         check = fused_logit_check(model)
         print("  fused kernels vs plain forward (bf16): " + "; ".join(
             f"T={T}: rel. error {c['relative_error']:.1e}, argmax agree {c['argmax_agree']:.0%}" for T, c in check.items()))
-        curve = cost_curve(model)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        curve = cost_curve(model)      # the fast path: weights (fused in place) + cache + graphs + tuning
+        peak = torch.cuda.max_memory_allocated()
         plain = cost_curve(model, fused=False)
         name = f"h200_{key}_target" if key == "7b_shapes" else f"h200_{key}"
         curve.update(prov, model=label, profile="h200", name=name,
@@ -253,6 +284,10 @@ def main(argv=None):
         hf_tokens = 0 if key == "small_draft" or a.no_transformers else 32
         res = decode_benchmarks(model, prompt, a.new_tokens, hf_tokens=hf_tokens)
         res["fused_logit_check"] = check
+        res["peak_memory_bytes"] = peak
+        res["weights_bytes"] = count_parameters(model) * model.dtype.itemsize
+        print(f"  peak GPU memory of the fast path (1k context): {peak / 2**30:.2f} GiB "
+              f"(weights {res['weights_bytes'] / 2**30:.2f} GiB)")
         from .kernels import tuned_configs
         res["kernel_configs"] = tuned_configs()
         bound = bw / res["bytes_per_token"]
@@ -271,6 +306,10 @@ def main(argv=None):
             f"g={g}:{o['decode_speedup']:.2f}/{o['decode_speedup_vs_device_loop']:.2f}x" for g, o in res["oracle"].items()))
         del model
         torch.cuda.empty_cache()
+    summary["memory"] = profile_memory(summary["models"])
+    for name, m in summary["memory"].items():
+        print(f"{name}: peak {m['peak_memory_bytes'] / 2**30:.1f} GiB (+{CONTEXT_GIB} GiB CUDA context) fits: "
+              f"{', '.join(m['fits']) or 'none of the listed GPUs'}")
     write_json(out / "h200_summary.json", summary)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "oracle"} for k, v in summary["models"].items()},
                      indent=1))

@@ -177,7 +177,7 @@ def oracle_real(model, runner, chain, prompts, new_tokens: int, gs=(1, 2, 4, 8, 
 # ---------------------------------------------------------------- the run
 def _peer_rows(hf, hf_draft, target, base, run, p, tokens: int, lookup: int) -> dict:
     """One prompt through our baseline and the three transformers peers, same length."""
-    from .bench import time_transformers
+    from .experiments import time_transformers
     ours = generate(target, base, p.prompt_ids, tokens, eos_ids=EOS_IDS, prompt_id=p.prompt_id, **run)
     rows = {"baseline": (ours.tokens, ours.record.wall_s)}
     rows["transformers_generate"] = time_transformers(hf, p.prompt_ids, tokens)
@@ -237,7 +237,7 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     # 5. the peers' models share our weights
     hf = hf_draft = None
     if peer_prompts:
-        from .bench import time_transformers, to_transformers
+        from .experiments import time_transformers, to_transformers
         hf, hf_draft = to_transformers(target), to_transformers(draft)
         time_transformers(hf, warm, 4)
         time_transformers(hf, warm, 4, assistant=hf_draft)

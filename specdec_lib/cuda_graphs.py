@@ -260,8 +260,7 @@ class GraphDraft:
     def new_cache(self, max_len: int, batch: int = 1):
         if batch != 1:
             raise ValueError("GraphDraft serves batch 1 only")
-        self.runner.cache.rollback(0)
-        return self.runner.cache
+        return self.runner.cache       # subtle: its length is stale; the proposer rolls back to what it knows
 
     def forward(self, ids, pos, cache, attn_mask, slots, hidden_layers=(), logits=True):
         T, S = attn_mask.shape[-2:]

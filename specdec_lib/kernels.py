@@ -319,12 +319,43 @@ def attention(q, k_cache, v_cache, mask) -> torch.Tensor:
     return out
 
 
+def one_copy(params) -> torch.Tensor:
+    """Parameters whose rows are to be read as one matrix (q/k/v, gate/up), in ONE copy.
+
+    Returns a contiguous [sum of rows, ...] tensor and rebinds each parameter to a view of its rows,
+    so the fused kernels and the plain forward read the same memory: fusing adds no bytes (a
+    second copy would be ~8.5 GB for the 7B in bf16). Parameters that already are consecutive rows
+    of one tensor (fused before) give back that tensor, so fusing twice is free. The one extra
+    allocation while fusing is a single layer's matrices.
+    subtle: afterwards the model's state_dict holds views sharing storage (safetensors refuses to
+    save those as they are: clone them first)."""
+    first = params[0].data
+    rows = sum(p.shape[0] for p in params)
+    offset, consecutive = 0, True
+    for p in params:
+        consecutive &= (p.is_contiguous() and p.dtype == first.dtype
+                        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                        and p.data_ptr() == first.data_ptr() + offset * first.element_size())
+        offset += p.numel()
+    if consecutive:
+        return first.as_strided((rows, *first.shape[1:]), first.stride())
+    # subtle: built outside inference mode, else the parameters would hold inference tensors,
+    # which a later training step (or an in-place update) may not touch
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.cat([p.data for p in params]).contiguous()
+        start = 0
+        for p in params:
+            p.data = fused[start:start + p.shape[0]]
+            start += p.shape[0]
+    return fused
+
+
 class FusedQwen2:
     """The same forward as `Qwen2.forward` for T <= 16 new tokens, through the fused kernels.
 
-    Holds the fused weight copies it needs (q/k/v concatenated, gate/up concatenated); the other
-    weights are the model's own tensors. Call signature = Qwen2.forward, so a GraphRunner or
-    `generate(forward=...)` can use it.
+    q/k/v and gate/up are read as one matrix each (`one_copy`: the model's own parameters become
+    views of it, no second copy); the other weights are the model's own tensors. Call signature =
+    Qwen2.forward, so a GraphRunner or `generate(forward=...)` can use it.
     """
 
     def __init__(self, model, attention: str = "triton"):
@@ -332,15 +363,14 @@ class FusedQwen2:
         self.model, c, self.attention = model, model.config, attention
         self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.layers = []
-        with torch.no_grad():
-            for layer in model.model.layers:
-                a, m = layer.self_attn, layer.mlp
-                self.layers.append(dict(
-                    wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
-                    bqkv=torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous(),
-                    wo=a.o_proj.weight, wgu=torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(),
-                    wd=m.down_proj.weight, g1=layer.input_layernorm.weight,
-                    g2=layer.post_attention_layernorm.weight))
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                wqkv=one_copy([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                bqkv=one_copy([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                wo=a.o_proj.weight, wgu=one_copy([m.gate_proj.weight, m.up_proj.weight]),
+                wd=m.down_proj.weight, g1=layer.input_layernorm.weight,
+                g2=layer.post_attention_layernorm.weight))
 
     @property
     def device(self):

@@ -107,3 +107,41 @@ def test_attention_matches_reference(T, S):
     want = grouped_attention(q, k[:, :, :S], v[:, :, :S], mask)
     got = attention(q.to(DEV), k.to(DEV), v.to(DEV), mask.to(DEV)).cpu()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _storage_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters."""
+    seen = {}
+    for p in model.parameters():
+        seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_fusing_keeps_one_copy():
+    """q/k/v and gate/up become views of one tensor each: no bytes added, fusing twice is free, and
+    the plain forward still computes the same logits (also when fused inside inference mode)."""
+    model = random_model(CONFIG, seed=5, std=0.1).to(DEV)
+    ids = torch.tensor([[1, 2, 3]], device=DEV)
+    pos, slots, mask = chain_inputs(0, 3, 16, DEV)
+    before, _ = model(ids, pos, model.new_cache(16), mask, slots)
+    nbytes = _storage_bytes(model)
+    with torch.inference_mode():
+        f1 = FusedQwen2(model)
+    f2 = FusedQwen2(model)
+    assert _storage_bytes(model) == nbytes
+    a = model.model.layers[0].self_attn
+    for f in (f1, f2):
+        assert f.layers[0]["wqkv"].data_ptr() == a.q_proj.weight.data_ptr()
+        assert f.layers[0]["wgu"].data_ptr() == model.model.layers[0].mlp.gate_proj.weight.data_ptr()
+    after, _ = model(ids, pos, model.new_cache(16), mask, slots)
+    torch.testing.assert_close(after, before)
+
+
+def test_linear_rejects_bad_input():
+    x, w = torch.randn(3, 8, device=DEV), torch.randn(8, 6, device=DEV)
+    with pytest.raises(ValueError, match="contiguous"):
+        linear(x, w.T)
+    with pytest.raises(ValueError, match="inputs"):
+        linear(x, torch.randn(4, 6, device=DEV))
+    with pytest.raises(ValueError, match="at most 16"):
+        linear(torch.randn(17, 8, device=DEV), torch.randn(4, 8, device=DEV))
