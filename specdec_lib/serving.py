@@ -177,6 +177,7 @@ def main(argv=None):
                                 a.prefix, a.reps)
     kind = "gpu" if model.device.type == "cuda" else "cpu"
     costs.update(model=label, shapes=a.shapes, device=kind, machine=machine_name(a.device),
+                 profile=f"{a.shapes} shapes, random weights (timing only)",
                  dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, python=platform.python_version(),
                  date=time.strftime("%Y-%m-%d"), wall_s=time.time() - t0, parameters=count_parameters(model))
     path = Path(a.out) / f"batch_costs_{kind}_{a.shapes}.json"
