@@ -16,6 +16,7 @@ METHODS = {
     "ngram": "ngram",
     "suffix": "suffix",
     "medusa": "medusa",
+    "medusa": "medusa",
     "eagle3": "eagle3",
 }
 
