@@ -16,7 +16,6 @@ METHODS = {
     "ngram": "ngram",
     "suffix": "suffix",
     "medusa": "medusa",
-    "medusa": "medusa",
     "eagle3": "eagle3",
 }
 
