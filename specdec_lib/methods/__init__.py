@@ -17,6 +17,7 @@ METHODS = {
     "suffix": "suffix",
     "medusa": "medusa",
     "eagle3": "eagle3",
+    "pard": "pard",
 }
 
 

@@ -1,0 +1,294 @@
+"""PARD: the training mask on a hand-made case, training rows == inference rows, one forward == k
+separate masked predictions, greedy equality, the sampling distribution, and the learner."""
+import itertools
+
+import pytest
+import torch
+
+from specdec_lib.decoding import generate
+from specdec_lib.experiments import goodness_of_fit
+from specdec_lib.methods import make_proposer
+from specdec_lib.methods import pard
+from specdec_lib.qwen2 import Qwen2Config, random_model
+from specdec_lib.sampling import SamplingParams, probs_from_logits
+from specdec_lib.tree import chain_inputs
+
+MAX_NEW = 16
+
+
+def toy_config(vocab):
+    return Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1)
+
+
+def masks(adapter):
+    return adapter.mask_ids(adapter.max_depth - 1)
+
+
+def random_adapter(config, max_depth=4, mask_id0=None, seed=0, std=0.3):
+    """An adapter with non-zero B and random mask rows, so that every part of it matters."""
+    torch.manual_seed(seed)
+    mask_id0 = config.vocab_size - max_depth + 1 if mask_id0 is None else mask_id0
+    ad = pard.PardAdapter(config, rank=4, alpha=4.0, max_depth=max_depth, mask_id0=mask_id0)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, std)
+    return ad
+
+
+# ---------------------------------------------------------------- the mask for training
+def test_parallel_layout_hand_made():
+    lay = pard.parallel_layout(4, [[0, 1], [0]])
+    #                  x0 x1 x2 x3 (2,0) (2,1) (3,0)
+    expected = [[1, 0, 0, 0, 0, 0, 0],    # x0
+                [1, 1, 0, 0, 0, 0, 0],    # x1
+                [1, 1, 1, 0, 0, 0, 0],    # x2
+                [1, 1, 1, 1, 0, 0, 0],    # x3
+                [1, 0, 0, 0, 1, 0, 0],    # depth 2 after x0: sees x0 and itself
+                [1, 1, 0, 0, 0, 1, 0],    # depth 2 after x1
+                [1, 0, 0, 0, 1, 0, 1]]    # depth 3 after x0: x0, its depth-2 mask, itself
+    assert lay.mask.int().tolist() == expected
+    assert lay.anchor.tolist() == [0, 1, 2, 3, 0, 1, 0]
+    assert lay.depth.tolist() == [1, 1, 1, 1, 2, 2, 3]
+    assert lay.pos.tolist() == [0, 1, 2, 3, 1, 2, 2]
+    assert lay.target_index.tolist() == [1, 2, 3, 4, 2, 3, 3]     # x3's target (4) lies outside: no loss
+
+
+def test_parallel_layout_rejects_bad_anchors():
+    with pytest.raises(ValueError, match="target exists"):
+        pard.parallel_layout(4, [[2]])                 # depth 2 after x2 would predict x4
+    with pytest.raises(ValueError, match="conditional drop"):
+        pard.parallel_layout(6, [[0], [1]])            # (3, 1) without (2, 1)
+
+
+def test_drop_token_anchors_are_nested_and_thin_out():
+    T, K = 400, 6
+    useful = torch.ones(T, dtype=torch.bool)
+    full = pard.drop_token_anchors(T, K, useful, keep=1.0)
+    assert [len(a) for a in full] == [T - d for d in range(2, K + 1)]
+    cod = pard.drop_token_anchors(T, K, useful, keep=0.5, keep_min=0.2, generator=torch.Generator().manual_seed(0))
+    for shallow, deep in zip(cod, cod[1:]):
+        assert set(deep) <= set(shallow)                # conditional: (d, j) only with (d - 1, j)
+    rates = [len(a) / T for a in cod]
+    assert abs(rates[0] - 0.5) < 0.08 and abs(rates[1] - 0.25) < 0.08 and abs(rates[-1] - 0.2) < 0.08
+    pard.parallel_layout(T, cod)                         # a valid layout
+    useless = torch.zeros(T, dtype=torch.bool)
+    assert all(a == [] for a in pard.drop_token_anchors(T, K, useless, keep=1.0))
+    assert pard.keep_rate(2, 0.5, 0.2) == 0.5 and pard.keep_rate(5, 0.5, 0.2) == 0.2
+
+
+# ---------------------------------------------------------------- the adapter
+def test_zero_adapter_leaves_the_draft_unchanged(tiny_draft):
+    ad = pard.PardAdapter(tiny_draft.config, rank=4)      # B = 0 at the start
+    model = pard.adapted_model(tiny_draft, ad)
+    ids = torch.tensor([[5, 17, 300, 4000, 9]])
+    pos, slots, mask = chain_inputs(0, 5)
+    a, _ = model(ids, pos, model.new_cache(5), mask, slots)
+    b, _ = tiny_draft(ids, pos, tiny_draft.new_cache(5), mask, slots)
+    assert torch.equal(a, b)
+    # shared weights, separate modules: the draft itself is not wrapped
+    assert model.lm_head.weight is tiny_draft.lm_head.weight
+    assert isinstance(tiny_draft.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, pard.LoRALinear)
+    n_trained = sum(p.numel() for p in ad.parameters())
+    assert n_trained == sum(p.numel() for n, p in model.named_parameters() if ".lora." in n or "rows" in n)
+
+
+def test_adapter_errors(tiny_draft):
+    with pytest.raises(ValueError, match="unknown projections"):
+        pard.PardAdapter(tiny_draft.config, targets=("qkv",))
+    with pytest.raises(ValueError, match="do not fit"):
+        pard.PardAdapter(toy_config(12), max_depth=4)   # ids 151665.. outside a 12-token vocabulary
+    ad = pard.PardAdapter(toy_config(12), max_depth=3, mask_id0=10)
+    with pytest.raises(ValueError, match="draft_len"):
+        pard.ParallelDraft(pard.adapted_model(random_model(toy_config(12)), ad), masks(ad), draft_len=4)
+
+
+@torch.no_grad()
+def masked_prediction(model, adapter, context, depth):
+    """Hidden state after context + (depth - 1) masks, from scratch in a fresh cache: [H]."""
+    ids = list(context) + adapter.mask_ids(depth - 1)
+    pos, slots, mask = chain_inputs(0, len(ids))
+    h = pard.final_hidden(model, torch.tensor([ids]), pos, model.new_cache(len(ids)), mask, slots)
+    return h[0, -1]
+
+
+@torch.no_grad()
+def test_training_rows_equal_inference_rows():
+    """Every row of the training layout computes what inference computes for that anchor and depth."""
+    cfg = toy_config(20)
+    draft = random_model(cfg, seed=4, std=0.4)
+    ad = random_adapter(cfg, max_depth=4)
+    model = pard.adapted_model(draft, ad)
+    seq = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    anchors = pard.drop_token_anchors(len(seq), 4, torch.ones(len(seq), dtype=torch.bool), keep=0.7, keep_min=0.3,
+                                      generator=torch.Generator().manual_seed(1))
+    lay = pard.parallel_layout(len(seq), anchors)
+    R = lay.mask.shape[0]
+    ids = torch.tensor(seq + [ad.mask_id0 + d - 2 for d in lay.depth[len(seq):].tolist()])[None]
+    h = pard.final_hidden(model, ids, lay.pos[None], model.new_cache(R), lay.mask, torch.arange(R))
+    assert R > len(seq) + 4
+    for r in range(R):
+        j, d = int(lay.anchor[r]), int(lay.depth[r])
+        torch.testing.assert_close(h[0, r], masked_prediction(model, ad, seq[:j + 1], d), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the proposer
+@torch.no_grad()
+def test_merged_weights_equal_the_adapter():
+    cfg = toy_config(20)
+    draft = random_model(cfg, seed=4, std=0.4)
+    ad = random_adapter(cfg, max_depth=4)
+    ids = torch.tensor([[3, 1, 4, 17, 18, 19]])        # 17, 18, 19: the mask tokens
+    pos, slots, mask = chain_inputs(0, 6)
+    a, _ = pard.adapted_model(draft, ad)(ids, pos, draft.new_cache(6), mask, slots)
+    merged = pard.merged_model(draft, ad)
+    b, _ = merged(ids, pos, draft.new_cache(6), mask, slots)
+    torch.testing.assert_close(a[..., :17], b[..., :17], atol=1e-5, rtol=1e-5)   # mask ids' LM rows differ (tied)
+    assert merged.model.layers[0].input_layernorm.weight is draft.model.layers[0].input_layernorm.weight
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, draft.model.layers[0].self_attn.q_proj.weight)
+
+
+@torch.no_grad()
+def test_one_forward_equals_k_separate_masked_predictions():
+    cfg = toy_config(20)
+    draft = random_model(cfg, seed=4, std=0.4)
+    ad = random_adapter(cfg, max_depth=5)
+    model = pard.merged_model(draft, ad)        # what inference runs (tests above: == the adapter)
+    prop = pard.ParallelDraft(model, masks(ad), draft_len=5)
+    prop.reset([1, 2, 3])
+    # step 1: the whole prompt + 4 masks; step 2: two accepted tokens + the bonus + 4 masks (cache reused)
+    for context in ([1, 2, 3], [1, 2, 3, 7, 8, 9]):
+        logits = prop.proposal_logits(context, 5)
+        assert prop.cache.length == len(context) and prop.seen == context   # mask rows rolled back
+        for d in range(1, 6):
+            expected = model.lm_head(masked_prediction(model, ad, context, d))
+            torch.testing.assert_close(logits[d - 1], expected, atol=1e-5, rtol=1e-5)
+    assert prop.fed_per_step == [3 + 4, 3 + 4]
+    # a rejected draft: the context is a prefix of what was fed plus a new bonus
+    logits = prop.proposal_logits([1, 2, 3, 7, 8, 9, 4], 2)
+    assert prop.fed_per_step[-1] == 1 + 1
+    torch.testing.assert_close(logits[1], model.lm_head(masked_prediction(model, ad, [1, 2, 3, 7, 8, 9, 4], 2)),
+                               atol=1e-5, rtol=1e-5)
+    # a long catch-up (a new request's prompt) is split: the prompt first, then its last token + masks
+    long = [int(x) for x in torch.randint(0, 18, (40,), generator=torch.Generator().manual_seed(0))]
+    prop.reset(long)
+    logits = prop.proposal_logits(long, 4)
+    for d in range(1, 5):
+        torch.testing.assert_close(logits[d - 1], model.lm_head(masked_prediction(model, ad, long, d)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_pard(tiny_draft):
+    ad = random_adapter(tiny_draft.config, max_depth=8, mask_id0=pard.MASK_ID0, std=0.05)
+    return pard.adapted_model(tiny_draft, ad), ad
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_greedy_equals_baseline(tiny_target, tiny_pard, tiny_prompts, k):
+    model, ad = tiny_pard
+    base = make_proposer("baseline")
+    for p in tiny_prompts:
+        ref = generate(tiny_target, base, p, MAX_NEW).tokens
+        out = generate(tiny_target, pard.ParallelDraft(model, masks(ad), draft_len=k), p, MAX_NEW)
+        assert out.tokens == ref, (k, len(p))
+
+
+def test_greedy_equals_baseline_when_the_drafter_is_good():
+    """A drafter that IS the target (zero adapter) gets its depth-1 guesses accepted: acceptance > 0."""
+    cfg = toy_config(12)
+    target = random_model(cfg, seed=3, std=0.4)
+    ad = pard.PardAdapter(cfg, rank=2, max_depth=3, mask_id0=10)
+    with torch.no_grad():   # ids 10, 11 may appear in the output: let them read the target's rows
+        ad.mask_rows.copy_(target.model.embed_tokens.weight[10:12])
+    prop = pard.ParallelDraft(pard.adapted_model(target, ad), masks(ad), draft_len=3)
+    ref = generate(target, make_proposer("baseline"), [1, 2, 3], 30).tokens
+    out = generate(target, prop, [1, 2, 3], 30)
+    assert out.tokens == ref
+    assert out.record.accepted >= out.record.steps - 1      # depth 1 is the target's own argmax
+
+
+# ---------------------------------------------------------------- sampling: q rows and the distribution
+SV, K, PROMPT, TRIALS = 6, 2, [1, 3], 400
+
+
+def test_q_rows_are_the_drawn_distributions():
+    from specdec_lib.decoding import Context
+    cfg = toy_config(SV + 2)
+    ad = random_adapter(cfg, max_depth=3, mask_id0=SV)
+    prop = pard.ParallelDraft(pard.adapted_model(random_model(cfg, seed=2, std=0.5), ad), masks(ad), draft_len=3,
+                              target_vocab=SV + 2)
+    prop.reset(PROMPT)
+    d = prop.propose(Context(PROMPT, 2, 3, SamplingParams(1.0), torch.Generator().manual_seed(0)))
+    assert d.q.shape == (3, SV + 2)
+    torch.testing.assert_close(d.q.sum(-1), torch.ones(3))
+    assert float(d.q[:, SV:].sum()) == 0                  # never a mask token
+    logits = prop.proposal_logits(PROMPT, 3)[:, :SV]
+    torch.testing.assert_close(d.q[:, :SV], probs_from_logits(logits, SamplingParams(1.0)))
+
+
+@torch.no_grad()
+def exact_distribution(target, params):
+    probs = {}
+    for seq in itertools.product(range(SV), repeat=K):
+        ids = PROMPT + list(seq[:-1])
+        pos, slots, mask = chain_inputs(0, len(ids))
+        logits, _ = target(torch.tensor([ids]), pos, target.new_cache(len(ids)), mask, slots)
+        p = probs_from_logits(logits[0, len(PROMPT) - 1:, :SV], params)
+        probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(K)])))
+    return probs
+
+
+def test_sampling_output_matches_target_distribution():
+    """generate() with the parallel drafter: the first K tokens follow the target's distribution."""
+    cfg = toy_config(SV)
+    target = random_model(cfg, seed=11, std=0.5)
+    # the drafter's vocabulary has 2 more rows: its mask tokens (the target never sees them)
+    dcfg = toy_config(SV + 2)
+    ad = random_adapter(dcfg, max_depth=3, mask_id0=SV, std=0.5)
+    prop = pard.ParallelDraft(pard.merged_model(random_model(dcfg, seed=12, std=0.5), ad), masks(ad), draft_len=2,
+                              target_vocab=SV)
+    params, counts, accepted = SamplingParams(0.9), {}, 0
+    for seed in range(TRIALS):
+        out = generate(target, prop, PROMPT, K + 1, params.temperature, seed=seed)
+        counts[tuple(out.tokens[:K])] = counts.get(tuple(out.tokens[:K]), 0) + 1
+        accepted += out.record.accepted
+    assert 0 < accepted < TRIALS * K
+    p = goodness_of_fit(counts, exact_distribution(target, params))["p_value"]
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+# ---------------------------------------------------------------- the learner
+def toy_data(n=24, length=14, vocab=12, seed=0):
+    """Counting sequences x, x+1, x+2, ... (mod vocab): the next d tokens follow from the last one."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i in range(n):
+        start = int(torch.randint(0, vocab, (1,), generator=g))
+        toks = [(start + t) % vocab for t in range(length)]
+        seqs.append(SimpleNamespace(prompt_ids=toks[:4], response_ids=toks[4:]))
+    split = {"train": seqs[:n - 4], "heldout": seqs[n - 4:]}
+    return SimpleNamespace(split=lambda name: split[name], manifest={"sha256": "toy"})
+
+
+def test_training_lowers_the_loss_on_toy_data():
+    from types import SimpleNamespace
+    from specdec_lib.train import TrainConfig, train
+    cfg = Qwen2Config(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    draft = random_model(cfg, seed=7, std=0.3)
+    models = SimpleNamespace(draft=draft)
+    torch.manual_seed(0)                                              # the adapter's initial A
+    learn = pard.learner(models, rank=4, alpha=8.0, max_depth=4, mask_id0=12, keep=0.5, keep_min=0.3)
+    log = train(learn, draft, toy_data(), TrainConfig(steps=80, batch_size=8, max_len=16, lr=3e-2, warmup=5,
+                                                      eval_every=40, eval_batches=1, log_every=10), progress=False)
+    first, last = log["evals"][0], log["final"]
+    assert last["loss"] < 0.5 * first["loss"], (first["loss"], last["loss"])
+    assert min(last["acc"]) >= 0.8, last["acc"]                      # every depth learned to count
+    assert 1 < sum(learn.rows_per_token) / len(learn.rows_per_token) < 4   # dropped: fewer than 4 rows per token
+    # the trained drafter proposes the count in one forward
+    prop = pard.ParallelDraft(pard.merged_model(draft, learn.module), masks(learn.module), draft_len=4)
+    prop.reset([3, 4, 5])
+    assert prop.proposal_logits([3, 4, 5], 4)[:, :12].argmax(-1).tolist() == [6, 7, 8, 9]
