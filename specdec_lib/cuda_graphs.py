@@ -32,14 +32,19 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 class GraphRunner:
     def __init__(self, model, max_len: int, buckets=BUCKETS, hidden_layers=(), compile: bool = False,
-                 fused: bool = False):
+                 fused: bool = False, only: str | None = None):
         """compile: run each block through torch.compile(Block.forward), which fuses the ~30 small
         elementwise kernels of a block (norms, RoPE, softmax, SwiGLU) into a few. At batch 1 each tiny
         kernel costs a few microseconds even inside a graph, which adds up over 28 layers.
         fused: buckets of at most 16 tokens may run `kernels.FusedQwen2` (five Triton kernels + two of
         attention per layer): both are captured, each replayed 20 times, and the faster graph is kept
-        (`self.variant[b]`); larger buckets keep the plain (or compiled) forward."""
+        (`self.variant[b]`); larger buckets keep the plain (or compiled) forward.
+        only: "fused" or "plain" to capture just that variant where it applies (tools/gpu_check.py
+        checks each one against the eager forward)."""
+        if only not in (None, "fused", "plain"):
+            raise ValueError(f"only must be None, 'fused' or 'plain', got {only!r}")
         self.model, self.buckets, self.hidden_layers = model, tuple(buckets), tuple(hidden_layers)
+        self.only = only
         from .qwen2 import Block
         self.block_fn = torch.compile(Block.forward, dynamic=True) if compile else None
         self.fused = None
@@ -69,7 +74,10 @@ class GraphRunner:
 
     def _variants(self, b):
         from .kernels import MAX_T
-        return ("fused", "plain") if self.fused is not None and b <= MAX_T else ("plain",)
+        both = ("fused", "plain") if self.fused is not None and b <= MAX_T else ("plain",)
+        if self.only in both:
+            return (self.only,)
+        return both
 
     @torch.inference_mode()
     def capture(self):

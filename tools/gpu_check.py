@@ -1,0 +1,165 @@
+"""The GPU check that can fail: every graph / fused path against the eager forward, in float32.
+
+    python tools/gpu_check.py          on a GPU (~1-2 min); exit status 1 if anything disagrees
+    python tools/gpu_check.py --cpu    the same checks on a CPU: the runner in its CPU mode (eager
+                                       forwards in the padded buckets), the fused kernels in Triton's
+                                       interpreter, no torch.compile; smaller model (a few minutes)
+
+Checks, each printed as `ok` / `FAIL`:
+1. the fused kernels (every launch configuration the tuner may pick) against torch, T = 1, 3, 16;
+2. one copy: fusing adds no parameter bytes;
+3. for each way a GraphRunner can run a step (plain graphs, compiled graphs, fused graphs): the logits,
+   hidden states and cache rows of every bucket size, including steps that are padded (T = 3, 5, 7, 9,
+   17, 33, ...) and a tree step, equal the eager forward on the same cache (relative error <= 2e-4);
+4. end to end: our baseline, a noisy tree oracle and a chain oracle through each runner, and the
+   device-fed GreedyChain, give the eager baseline's tokens; the draft model proposing through its own
+   graphs (GraphDraft) proposes exactly what the eager draft model proposes.
+"""
+import os
+import sys
+
+CPU = "--cpu" in sys.argv
+if CPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+
+import torch  # noqa: E402
+
+from specdec_lib.cuda_graphs import GraphDraft, GraphRunner, GreedyChain  # noqa: E402
+from specdec_lib.decoding import generate  # noqa: E402
+from specdec_lib.kernels import FusedQwen2, _candidates, linear  # noqa: E402
+from specdec_lib.methods import make_proposer  # noqa: E402
+from specdec_lib.models import TINY_TARGET  # noqa: E402
+from specdec_lib.qwen2 import Qwen2Config, random_model  # noqa: E402
+from specdec_lib.tree import chain_inputs, step_inputs  # noqa: E402
+
+DEV = "cpu" if CPU else "cuda"
+if not CPU and not torch.cuda.is_available():
+    sys.exit("no CUDA GPU: run with --cpu to check the same paths on the CPU")
+torch.backends.cuda.matmul.allow_tf32 = False      # float32 means float32 (the eager reference too)
+torch.backends.cudnn.allow_tf32 = False
+TOL = 2e-4
+failures = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}" + (f"  ({detail})" if detail else ""), flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# A model with a real model's matrix shapes (the 1.5B's hidden size, heads, MLP) and 2 layers: the
+# kernels tile exactly as they would on the real model. On the CPU: tiny shapes.
+SHAPES = Qwen2Config(vocab_size=2048, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,
+                     num_attention_heads=12, num_key_value_heads=2) if not CPU else \
+    Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+
+# 1. the linear kernel, every configuration
+g = torch.Generator().manual_seed(0)
+for T in (1, 3, 16):
+    x, w = torch.randn(T, 96, generator=g).to(DEV), torch.randn(48, 96, generator=g).to(DEV)
+    nw, b = (torch.rand(96, generator=g) + 0.5).to(DEV), torch.randn(48, generator=g).to(DEV)
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+    worst = max(rel(linear(x, w, bias=b, norm=nw, config=c), xn @ w.T + b) for c in _candidates(T))
+    check(f"linear kernel, T={T}, all {len(_candidates(T))} configurations", worst <= TOL, f"worst rel. error {worst:.1e}")
+
+# 2. one copy of the fused weights
+model = random_model(SHAPES, seed=3, std=0.05, device=DEV)
+
+
+def storage_bytes(m) -> int:
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in m.parameters()}.values())
+
+
+before = storage_bytes(model)
+FusedQwen2(model)
+FusedQwen2(model)
+check("fusing twice adds no parameter bytes", storage_bytes(model) == before, f"{before} -> {storage_bytes(model)}")
+
+# 3. each runner variant, bucket by bucket, against the eager forward on the same cache
+L, MAX_LEN = 37, 160
+prompt = torch.randint(0, SHAPES.vocab_size, (1, L), generator=g).to(DEV)
+variants = [("plain graphs", dict()), ("fused graphs", dict(fused=True, only="fused"))]
+if not CPU:
+    variants.insert(1, ("compiled graphs", dict(compile=True, only="plain")))
+steps = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 64]
+with torch.inference_mode():
+    for label, kw in variants:
+        runner = GraphRunner(model, MAX_LEN, hidden_layers=(1, -1), **kw).capture()
+        ref = model.new_cache(MAX_LEN)
+        pos, slots, mask = chain_inputs(0, L, MAX_LEN, DEV)
+        for c in (runner.cache, ref):
+            model(prompt, pos, c, mask, slots, logits=False)
+            c.length = L
+        worst, bad = 0.0, []
+        for T in steps + ["tree"]:
+            if T == "tree":
+                parents = torch.tensor([-1, 0, 0, 1, 3])   # root's children 0 and 1, a chain under 0
+                ids = torch.randint(0, SHAPES.vocab_size, (1, 6), generator=g)
+            else:
+                parents = torch.arange(T - 1) - 1
+                ids = torch.randint(0, SHAPES.vocab_size, (1, T), generator=g)
+            pos, slots, mask = step_inputs(L, parents, MAX_LEN, "cpu")    # the runner takes host inputs
+            got, gh = runner(ids, pos, runner.cache, mask, slots, (1, -1))
+            want, wh = model(ids.to(DEV), pos.to(DEV), ref, mask.to(DEV), slots.to(DEV), (1, -1))
+            n = ids.shape[1]
+            errs = [rel(got, want), rel(gh[1], wh[1]), rel(gh[-1], wh[-1]),
+                    rel(runner.cache.k[:, :, :, L:L + n], ref.k[:, :, :, L:L + n]),
+                    rel(runner.cache.v[:, :, :, L:L + n], ref.v[:, :, :, L:L + n]),
+                    rel(runner.cache.k[:, :, :, :L], ref.k[:, :, :, :L])]        # padding wrote nothing below
+            worst = max(worst, *errs)
+            if max(errs) > TOL:
+                bad.append(str(T))
+        used = sorted(set(runner.variant.values()))
+        check(f"{label}: logits, hidden states, cache rows for T = {', '.join(map(str, steps))}, tree "
+              f"(buckets {runner.buckets}; ran {'/'.join(used)})", not bad,
+              f"worst rel. error {worst:.1e}" + (f"; bad T: {', '.join(bad)}" if bad else ""))
+        del runner
+
+# 4. end to end, token for token (float32; a tiny random model with the real vocabulary on the GPU, a
+#    300-token vocabulary on the CPU, where the interpreted LM-head kernel would be slow)
+target = random_model(TINY_TARGET if not CPU else SHAPES, seed=0, device=DEV)
+V = target.config.vocab_size
+p = [10 + (7 * i) % 250 for i in range(100)]
+N = 40
+base = make_proposer("baseline")
+ref = generate(target, base, p, N).tokens
+for label, kw in variants:
+    runner = GraphRunner(target, 256, **kw).capture()
+    run = dict(forward=runner, kv_len=256, cache=runner.cache)
+    tree = make_proposer("oracle", continuations={tuple(p): ref}, draft_len=6, error_rate=0.3, branches=3, seed=1,
+                         vocab_size=V)
+    chain2 = make_proposer("oracle", continuations={tuple(p): ref}, draft_len=2, error_rate=0.2, seed=2, vocab_size=V)
+    outs = {"baseline": generate(target, base, p, N, **run).tokens,
+            "noisy tree oracle": generate(target, tree, p, N, **run).tokens,
+            "noisy chain oracle (g=2, padded to 4)": generate(target, chain2, p, N, **run).tokens}
+    chain = GreedyChain(runner.step_forward(1), runner.cache, DEV)
+    if not CPU:
+        chain.capture()
+    outs["device-fed GreedyChain"] = chain.generate(target, p, N).tokens
+    for name, toks in outs.items():
+        check(f"{label}: {name} == eager baseline", toks == ref,
+              "" if toks == ref else f"first difference at token {next(i for i, (a, b) in enumerate(zip(toks, ref)) if a != b) if any(a != b for a, b in zip(toks, ref)) else min(len(toks), len(ref))}")
+    del runner, chain
+
+# the target drafting for itself: every draft token should be accepted, so a draft the graphs got
+# wrong shows up in the acceptance counts
+draft = random_model(target.config, seed=0, device=DEV)
+eager_dm = make_proposer("draft_model", draft=draft, draft_len=4, target_vocab=V)
+e = generate(target, eager_dm, p, N)
+check("eager self-draft accepts every draft token", all(s.accepted == s.proposed for s in e.steps))
+for label, kw in variants:
+    draft_runner = GraphRunner(draft, 320, buckets=(1, 2, 4), **kw).capture()
+    dm = make_proposer("draft_model", draft=GraphDraft(draft_runner), draft_len=4, target_vocab=target.config.vocab_size)
+    r = generate(target, dm, p, N)
+    same = r.tokens == ref and [s.accepted for s in r.steps] == [s.accepted for s in e.steps]
+    check(f"{label}: draft model through its own graphs proposes what the eager draft model does", same,
+          f"accepted per step {[s.accepted for s in r.steps][:8]} vs {[s.accepted for s in e.steps][:8]}")
+    del draft_runner
+
+print("ALL OK" if not failures else f"FAILED: {len(failures)} check(s): " + "; ".join(failures))
+sys.exit(1 if failures else 0)
