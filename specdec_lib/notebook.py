@@ -68,21 +68,25 @@ REUSE_ENV = "SPECDEC_REUSE"
 
 
 def reuse_stored(chapter: str, files, profile: str | None = None) -> bool:
-    """True when the reader asked for stored results (SPECDEC_REUSE=1) and they are all there.
+    """True when the reader asked for stored results (SPECDEC_REUSE=1, or a comma-separated list of
+    the stored files to reuse) and they are all there.
 
     Never under `tiny` (CI runs everything live). When it returns True it prints which machine
     measured the stored files, so the chapter's output says whose numbers it shows.
     """
     profile = profile_from_env(profile)
-    if profile == "tiny" or os.environ.get(REUSE_ENV, "0") in ("", "0"):
+    asked = os.environ.get(REUSE_ENV, "0").strip()
+    if profile == "tiny" or asked in ("", "0"):
         return False
+    if asked not in ("1", "all") and not set(files) <= {f.strip() for f in asked.split(",")}:
+        return False          # SPECDEC_REUSE=a.json,b.json reuses only the sections whose files it names
     folder = stored_results_dir(chapter)
     missing = [f for f in files if not (folder / f).exists()]
     if missing:
         print(f"{REUSE_ENV}=1 but {', '.join(missing)} not stored: measuring live")
         return False
     machines = sorted({_machine_of(folder / f) for f in files} - {None})
-    print(f"{REUSE_ENV}=1: reusing stored results from chapters/results/{chapter}/ "
+    print(f"{REUSE_ENV}={asked}: reusing stored results from chapters/results/{chapter}/ "
           f"(measured on {'; '.join(machines) or 'an unnamed machine'}), not measuring live")
     return True
 
@@ -116,3 +120,30 @@ def glue(name: str, value, fmt: str | None = None) -> str:
         display({"application/papermill.record/text/plain": repr(text)}, raw=True,
                 metadata={"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}})
     return text
+
+
+def curve_name(profile: str, role: str = "target", device: str = "cpu") -> str:
+    """Chapter 1 stores this machine's cost curve as cpu_<profile>_<role> (gpu_... on a GPU)."""
+    return f"{'gpu' if str(device).startswith('cuda') else 'cpu'}_{profile}_{role}"
+
+
+def local_cost_curve(profile: str | None = None, role: str = "target", device: str = "cpu"):
+    """(name, curve): the cost curve chapter 1 measured for this profile and kind of machine.
+
+    Chapters 2-4 predict speedups from it. If chapter 1 ran here, it is this machine's own curve;
+    otherwise the stored one, and the message says whose machine that was. Under `tiny` the
+    random models' curve says nothing, so the stored `small` curve stands in.
+    """
+    from .costmodel import load_cost_curve
+    profile = profile_from_env(profile)
+    name = curve_name("small" if profile == "tiny" else profile, role, device)
+    try:
+        curve = load_cost_curve(name)
+    except FileNotFoundError:
+        name = curve_name("small", role, "cpu")
+        curve = load_cost_curve(name)
+    here = machine_description(device)
+    there = curve.get("machine", "?") + (f", {curve['isa']}" if curve.get("isa") else "")
+    whose = "this machine" if there == here else f"another machine ({there}); run chapter 1 to measure yours"
+    print(f"cost curve {name}: measured on {whose}")
+    return name, curve

@@ -157,17 +157,18 @@ def setup_course(install: bool | None = None, verbose: bool = True) -> str:
 # The first code cell of every chapter. {url} and {branch} come from _config.yml's `repository`
 # (tools/clean_notebooks.py writes them in and --check rejects a cell that differs).
 BOOTSTRAP_CELL = """\
-# Runs anywhere: on Colab or in a fresh kernel it first fetches the course (specdec_lib/setup_env.py)
+# Runs anywhere: on Colab or in a fresh kernel it first fetches the course
 import os, subprocess, sys
+COURSE = "{url}"
 try:
     import specdec_lib
 except ImportError:
     if not os.path.isdir("course"):
-        subprocess.run(["git", "clone", "-q", "--depth=1", "-b", "{branch}",
-                        "{url}", "course"], check=True)
+        subprocess.run(["git", "clone", "-q", "--depth=1", "-b", "{branch}", COURSE, "course"],
+                       check=True)
     sys.path.insert(0, os.path.abspath("course"))
 from specdec_lib.setup_env import setup_course
-PROFILE = setup_course()      # installs what is missing on Colab, picks and prints the profile"""
+PROFILE = setup_course()   # installs what is missing on Colab, picks a profile, says which"""
 
 
 def bootstrap_cell(url: str, branch: str = "main") -> str:
