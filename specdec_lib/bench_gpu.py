@@ -221,11 +221,60 @@ def load_gguf_model(path: Path):
     return from_transformers(hf, "cuda", torch.bfloat16)
 
 
+STORED = {"7b": "h200_7b_shapes_target", "1.5b": "h200_small_target", "0.5b": "h200_small_draft"}
+
+
+def curves_main(argv=None):
+    """`python -m specdec_lib.bench_gpu curves`: only the fused cost curves (random weights of the real
+    shapes: the time does not depend on the values), beside the stored curves of the last full run,
+    with the tuner's picks (which projections chose swap-AB) and the peak memory. ~30-50 s per model."""
+    from .models import QWEN25_0_5B, QWEN25_1_5B
+    ap = argparse.ArgumentParser(prog="python -m specdec_lib.bench_gpu curves", description=curves_main.__doc__)
+    ap.add_argument("--shapes", default="7b,1.5b,0.5b")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--tag", default="_curves", help="written as h200_<model><tag>.json (the stored files stay)")
+    a = ap.parse_args(argv)
+    configs = {"7b": QWEN25_7B, "1.5b": QWEN25_1_5B, "0.5b": QWEN25_0_5B}
+    names = [n for n in a.shapes.split(",") if n]
+    bad = [n for n in names if n not in configs]
+    if bad:
+        ap.error(f"unknown shapes {bad}: choose from {', '.join(configs)}")
+    if not torch.cuda.is_available():
+        ap.error("curves needs a CUDA GPU")
+    from .kernels import tuned_configs
+    prov = {"machine": machine_name("cuda"), "dtype": "bfloat16", "device": "cuda", "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    for n in names:
+        t0 = time.time()
+        model = timing_model(configs[n])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        curve = cost_curve(model)
+        peak = torch.cuda.max_memory_allocated()
+        stored = OUT / f"{STORED[n]}.json"
+        old = json.loads(stored.read_text())["time_s"] if stored.exists() else None
+        curve.update(prov, model=f"Qwen2.5-{n.upper()} shapes, random weights (timing only)", profile="h200",
+                     peak_memory_bytes=peak, kernel_configs=tuned_configs(), name=f"h200_{n}{a.tag}",
+                     compared_with=STORED[n] if old else None)
+        write_json(Path(a.out) / f"h200_{n.replace('.', 'p')}{a.tag}.json", curve)
+        print(f"\n{n} shapes ({time.time() - t0:.0f} s; peak {peak / 2**30:.2f} GiB): t(k) ms now"
+              + (f" (stored {STORED[n]})" if old else ""))
+        print("  " + " ".join(f"{k}:{t * 1e3:.2f}" + (f"({o * 1e3:.2f})" if old else "")
+                              for k, t, o in zip(curve["k"], curve["time_s"], old or curve["time_s"])))
+        print("  c(k): " + " ".join(f"{k}:{c:.2f}" for k, c in zip(curve["k"], curve["relative_time"])))
+        swapped = sorted({k for k, v in tuned_configs().items() if v["dot"] == "swap"})
+        print(f"  projections that picked swap-AB: {len(swapped)} of {len(tuned_configs())}: {swapped}")
+        del model
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     argv = list(argv if argv is not None else __import__("sys").argv[1:])
     if argv[:1] == ["live"]:            # every method live on the real pair: bench_live.py
         from .bench_live import live_main
         return live_main(argv[1:])
+    if argv[:1] == ["curves"]:
+        return curves_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf-dir", default=None, help="folder with the two GGUF files of `make models`")
     ap.add_argument("--out", default=str(OUT))

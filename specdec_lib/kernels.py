@@ -36,14 +36,17 @@ from .timing import cuda_time
 MAX_T = 16   # the fused path serves steps of at most this many new tokens
 
 
-# A launch configuration: (dot, acc2d, BT, BN, BK, warps, stages). dot: tl.dot on rows padded to
-# BT = 16 (tensor cores), else multiply-and-sum on CUDA cores over BT = next power of two >= T rows;
+# A launch configuration: (dot, acc2d, BT, BN, BK, warps, stages). dot: True = tl.dot on token rows
+# padded to BT = 16 (tensor cores, tokens as M); "swap" = tl.dot with the weights as M and the padded
+# tokens as N ("swap-AB"); False = multiply-and-sum on CUDA cores over BT = next power of two >= T rows;
 # acc2d (T = 1): keep a [BN, BK] running product and sum it once at the end, so the loop carries no
 # cross-thread reduction and the next tile's loads are not held up by one.
 # BN output rows per program, BK inputs per loop step. Small BN gives enough programs to keep all 132
 # multiprocessors streaming even when N is only 1536. `_pick_config` times the candidates once per
 # shape on the GPU (outside any graph capture: the runner's warm-up does it) and keeps the fastest.
-def _candidates(T: int) -> list[tuple]:
+def _candidates(T: int, itemsize: int = 2) -> list[tuple]:
+    """itemsize: bytes per weight; float32 halves the swap tiles' depth so their pipeline still fits
+    the 228 KB of shared memory per multiprocessor."""
     if T == 1:
         return [(False, False, 1, bn, bk, w, st) for bn, bk, w, st in (
             (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 256, 4, 4), (16, 512, 8, 3),
@@ -53,16 +56,20 @@ def _candidates(T: int) -> list[tuple]:
     bt = triton.next_power_of_2(T)
     fma = [(False, False, bt, bn, max(32, min(1024, 8192 // (bt * bn))), 4, 3) for bn in (4, 8, 16)]
     dot = [(True, False, MAX_T, bn, bk, 4, st) for bn, bk, st in ((16, 256, 4), (32, 128, 4), (64, 64, 3))]
-    return fma + dot
+    # swap-AB: the weights are the M operand (BN = 64 / 128 rows, what Hopper's wgmma wants), the
+    # tokens padded to 16 are N. Kept only where the tuner times it faster, so it cannot slow a step.
+    swap = [("swap", False, MAX_T, bn, bk * 2 // itemsize, w, st) for bn, bk, w, st in (
+        (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4))]
+    return fma + dot + swap
 
 
 _chosen: dict[tuple, tuple] = {}   # memo: shape key -> the configuration timed fastest
 
 
-def _pick_config(key, T: int, launch) -> tuple:
+def _pick_config(key, T: int, launch, itemsize: int = 2) -> tuple:
     if key in _chosen:
         return _chosen[key]
-    candidates = _candidates(T)
+    candidates = _candidates(T, itemsize)
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         _chosen[key] = candidates[3 if T == 1 else 0]
         return _chosen[key]
@@ -74,13 +81,18 @@ def _pick_config(key, T: int, launch) -> tuple:
     # from HBM (the model is 50x the L2), so each timed launch follows a 256 MB read that evicts the
     # cache (a read, not a write: written lines would be written back during the timed launch).
     flush = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
-    times = {cfg: cuda_time(lambda: launch(cfg), reps=9, warmup=1, before=flush.max) for cfg in candidates}
+    times = {}
+    for cfg in candidates:
+        try:
+            times[cfg] = cuda_time(lambda: launch(cfg), reps=9, warmup=1, before=flush.max)
+        except triton.runtime.errors.OutOfResources:     # e.g. shared memory: this tile does not fit here
+            continue
     _chosen[key] = min(times, key=times.get)
     return _chosen[key]
 
 
 def tuned_configs() -> dict:
-    """The tuner's picks so far, {"(N, K, rows, swiglu, norm, head dim)": {field: value}}, for the record."""
+    """The tuner's picks so far, {"(N, K, rows, swiglu, norm, head dim, bytes per weight)": {field: value}}."""
     fields = ("dot", "acc2d", "BT", "BN", "BK", "warps", "stages")
     return {str(k): dict(zip(fields, v)) for k, v in _chosen.items()}
 
@@ -101,7 +113,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
                    T, N, K: tl.constexpr, stride_xt, stride_xh, eps,
                    XHD: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                    RESIDUAL: tl.constexpr, DOT: tl.constexpr, ACC2D: tl.constexpr, BT: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = False):
     """y[t, n] = act(sum_k xn[t, k] W[n, k] + b[n]) (+ r[t, n]) for BN output rows n of this program.
 
     x[t, k] lives at x_ptr + t * stride_xt + (k // XHD) * stride_xh + k % XHD, so attention's output
@@ -117,6 +129,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     acc_up = tl.zeros((BT, BN), dtype=tl.float32)
     acc2 = tl.zeros((BN, BK), dtype=tl.float32)             # ACC2D: running products (T = 1)
+    acc_s = tl.zeros((BN, BT), dtype=tl.float32)            # SWAP: the product transposed, W @ x^T
+    acc_s_up = tl.zeros((BN, BT), dtype=tl.float32)
     acc2_up = tl.zeros((BN, BK), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)                  # sum of squares of x per row (NORM)
     for k0 in range(0, K, BK):
@@ -133,17 +147,24 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)  # [BN, BK]
         if ACC2D:
             acc2 += x.to(tl.float32) * w.to(tl.float32)
+        elif SWAP:
+            acc_s += tl.dot(w, tl.trans(x), input_precision=PREC)
         else:
             acc += _rows_times_tile(x, w, DOT, BT, PREC)
         if SWIGLU:
             u = tl.load(w_ptr + (rn + N)[:, None] * K + rk[None, :], mask=wmask, other=0.0)
             if ACC2D:
                 acc2_up += x.to(tl.float32) * u.to(tl.float32)
+            elif SWAP:
+                acc_s_up += tl.dot(u, tl.trans(x), input_precision=PREC)
             else:
                 acc_up += _rows_times_tile(x, u, DOT, BT, PREC)
     if ACC2D:
         acc = tl.sum(acc2, axis=1)[None, :]
         acc_up = tl.sum(acc2_up, axis=1)[None, :]
+    if SWAP:                                               # transposed once, after the loop
+        acc = tl.trans(acc_s)
+        acc_up = tl.trans(acc_s_up)
     if NORM:
         rinv = 1.0 / tl.sqrt(ss / K + eps)                 # [BT]
         acc = acc * rinv[:, None]
@@ -194,10 +215,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias=None, norm=None, eps: float = 
             x, w, bias if bias is not None else dummy, norm if norm is not None else dummy,
             residual if residual is not None else dummy, y, T, N, K, stride_xt, stride_xh, eps,
             XHD=xhd, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-            DOT=dot, ACC2D=acc2d, BT=bt, BN=bn, BK=bk, PREC="ieee" if w.dtype == torch.float32 else "tf32",
+            DOT=dot is True, SWAP=dot == "swap", ACC2D=acc2d, BT=bt, BN=bn, BK=bk, PREC="ieee" if w.dtype == torch.float32 else "tf32",
             num_warps=warps, num_stages=stages)
 
-    launch(config or _pick_config((N, K, triton.next_power_of_2(T), swiglu, norm is not None, xhd), T, launch))
+    key = (N, K, triton.next_power_of_2(T), swiglu, norm is not None, xhd, w.element_size())
+    launch(config or _pick_config(key, T, launch, w.element_size()))
     return y
 
 

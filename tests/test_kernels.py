@@ -24,7 +24,7 @@ CONFIG = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=176, num_
 @pytest.mark.parametrize("T", [1, 3, 16])
 def test_linear_variants(T):
     """Every launch configuration the tuner may pick computes the same thing."""
-    for config in _candidates(T):
+    for config in _candidates(T, itemsize=4):      # float32 here
         _check_linear(T, config)
 
 
