@@ -317,3 +317,31 @@ def test_score_counts_ranks():
     # row 0's logits [3, 2, 1]: target 1 is rank 1; row 1's [0, 0, 2]: target 2 is rank 0
     loss, counts = score(hidden[:2], weight, torch.tensor([1, 2]), top_k=3)
     assert counts.tolist() == [1, 1, 0] and float(loss) > 0
+
+
+# ---------------------------------------------------------------- exact replay == the decode loop
+def test_replay_matches_generate(tiny):
+    """The replay from one forward's hidden rows gives the decode loop's steps exactly (float32)."""
+    from specdec_lib.methods.medusa import candidates, replay_greedy_tree
+    models, prompts, refs = tiny
+    heads = random_heads(models)
+    acc = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.1, 0.1]]
+    for p in prompts[:2]:
+        seq = p + refs[tuple(p)]
+        top = candidates(models, heads, seq, start=len(p) - 2, top_k=3)
+        for budget in (1, 6, 20):
+            prop = build(models, draft_len=budget, heads=heads, rank_acc=acc)
+            out = generate(models.target, prop, p, MAX_NEW)
+            replayed = replay_greedy_tree(top, seq, len(p), prop.template, MAX_NEW)
+            assert replayed == [(s.proposed, s.accepted, s.emitted) for s in out.steps]
+    # with cheating candidates (the true next tokens at rank 0), every node on the main path is accepted
+    p = prompts[1]
+    seq = p + refs[tuple(p)]
+    L = len(seq) - (len(p) - 2)
+    top = torch.zeros(L, 2, 1, dtype=torch.long)
+    for r in range(L):
+        i = len(p) - 2 + r
+        for k in range(2):
+            top[r, k, 0] = seq[i + 2 + k] if i + 2 + k < len(seq) else 0
+    steps = replay_greedy_tree(top, seq, len(p), sparse_tree([[1.0], [1.0]], 2), MAX_NEW)
+    assert [e for _, _, e in steps[:-1]] == [3] * (len(steps) - 1) and sum(e for *_, e in steps) == MAX_NEW

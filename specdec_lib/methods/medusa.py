@@ -167,9 +167,13 @@ def default_rank_acc(n_heads: int, top_k: int = 10) -> list[list[float]]:
 def fill_greedy(template: TreeTemplate, logits: torch.Tensor) -> Draft:
     """logits [K, V] -> the tree's tokens: node i = head heads[i]'s ranks[i]-th most likely token.
     Siblings are distinct ranks of one head, hence distinct tokens."""
-    heads = torch.tensor(template.heads, dtype=torch.long, device=logits.device)
-    ranks = torch.tensor(template.ranks, dtype=torch.long, device=logits.device)
-    top = logits.topk(max(template.ranks) + 1, dim=-1).indices        # [K, R]
+    return fill_candidates(template, logits.topk(max(template.ranks) + 1, dim=-1).indices)
+
+
+def fill_candidates(template: TreeTemplate, top: torch.Tensor) -> Draft:
+    """top [K, R]: each head's candidates, best first -> node i's token is top[heads[i], ranks[i]]."""
+    heads = torch.tensor(template.heads, dtype=torch.long, device=top.device)
+    ranks = torch.tensor(template.ranks, dtype=torch.long, device=top.device)
     return Draft(top[heads, ranks].cpu(), torch.tensor(template.parents, dtype=torch.long))
 
 
@@ -363,10 +367,12 @@ def load_heads(models, checkpoint=None, **train_options) -> tuple[MedusaHeads, d
 OPTIONS = ("heads", "rank", "loss_decay")   # training options build() passes on (ensure_checkpoint under tiny)
 
 
-def build(models=None, checkpoint=None, draft_len: int = 16, use_heads: int | None = None, top_k: int = 10,
+def build(models=None, checkpoint=None, draft_len: int = 15, use_heads: int | None = None, top_k: int = 10,
           heads: MedusaHeads | None = None, rank_acc=None, name: str | None = None, **train_options) -> Medusa:
-    """make_proposer("medusa", models, draft_len=16): a tree of at most draft_len nodes from the first
+    """make_proposer("medusa", models, draft_len=15): a tree of at most draft_len nodes from the first
     use_heads heads (default all), shaped by the held-out rank accuracies stored in the checkpoint.
+    The verify forward feeds the root too, draft_len + 1 tokens: 7, 15, 31, 63 nodes fill the GPU
+    runner's buckets of 8, 16, 32, 64 tokens exactly.
 
     heads= (a MedusaHeads) and rank_acc= skip the checkpoint (tests, the chapter's experiments);
     without rank_acc the tree follows `default_rank_acc`."""
@@ -389,3 +395,59 @@ def build(models=None, checkpoint=None, draft_len: int = 16, use_heads: int | No
         [max(float(a), 1e-4 * p) for a, p in zip(row, prior_row)] for row, prior_row in zip(rank_acc, prior)]
     template = sparse_tree([row[:top_k] for row in acc[:K]], draft_len)
     return Medusa(heads, models.target.lm_head.weight, models.target.config.num_hidden_layers, template, name)
+
+
+# ---------------------------------------------------------------- exact greedy replay (chapter 5's sweeps)
+@torch.inference_mode()
+def candidates(models, heads: MedusaHeads, sequence: list[int], start: int, top_k: int = 10) -> torch.Tensor:
+    """Each head's top_k tokens at every position from `start` on: [len(sequence) - start, K, top_k].
+
+    One causal forward of the target over the whole sequence gives the hidden row of every token; the
+    heads read rows start, start + 1, ... . These are the rows the decode loop would give them (in
+    float32 exactly; in bf16 up to rounding), so a greedy run can be replayed without the loop."""
+    from ..decoding import prefill
+    target = models.target
+    n = target.config.num_hidden_layers
+    cache = target.new_cache(len(sequence))
+    _, h = prefill(target, torch.tensor([sequence], device=target.device), cache, (n,), logits=False)
+    rows = h[n][0, start:]                                                     # [L, H]
+    out = []
+    for s in range(0, rows.shape[0], 64):                                      # [64, K, V] at a time
+        logits = heads(rows[s:s + 64], target.lm_head.weight).transpose(0, 1)
+        out.append(logits.topk(top_k, dim=-1).indices.cpu())
+    return torch.cat(out)
+
+
+def replay_greedy_tree(top: torch.Tensor, sequence: list[int], prompt_len: int, template: TreeTemplate,
+                       max_new_tokens: int | None = None) -> list[tuple[int, int, int]]:
+    """Replay generate()'s greedy loop with Medusa from precomputed candidates; no model runs.
+
+    sequence = prompt + the target's greedy output; top = candidates(..., start=prompt_len - 2) (the
+    first step's newest hidden row is the prompt's second-to-last token). Each step: the heads at the
+    last accepted token i fill the tree, the verifier's greedy walk (verify.follow_greedy) runs against
+    the known continuation, accepted tokens + bonus are emitted. Returns (proposed, accepted, emitted)
+    per step, as replay.replay_greedy does for the other methods.
+    """
+    from ..verify import follow_greedy
+    if prompt_len < 2:
+        raise ValueError("replay needs a prompt of at least 2 tokens (the first step reads the hidden row of "
+                         "the prompt's second-to-last token)")
+    total = len(sequence) - prompt_len
+    max_new = total if max_new_tokens is None else max_new_tokens
+    depth = [0] * len(template)
+    for j, p in enumerate(template.parents):
+        depth[j] = 1 if p < 0 else depth[p] + 1
+    steps, done, i = [], 0, prompt_len - 2        # i = index of the last accepted token (root = i + 1)
+    while done < total:
+        n = min(len(template), max_new - done - 1)
+        t = template.truncate(max(n, 0))
+        draft = fill_candidates(t, top[i - (prompt_len - 2)]) if len(t) else Draft.empty()
+        # best[row]: the token the target emits after verify row `row` (row 0 = the root)
+        best = [sequence[min(i + 2 + (0 if r == 0 else depth[r - 1]), len(sequence) - 1)]
+                for r in range(len(t) + 1)]
+        acc = follow_greedy(draft, best)
+        emitted = min(len(acc.path) + 1, total - done)
+        steps.append((len(t), min(len(acc.path), emitted), emitted))
+        done += emitted
+        i += emitted
+    return steps
