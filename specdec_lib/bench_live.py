@@ -210,7 +210,19 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
                                  target_vocab=target.config.vocab_size, **options)
         return make_proposer(name, models, **options)
 
-    proposers = {label: build(name, opts) for label, name, opts in methods if name != "oracle"}
+    errors = {}        # label -> the error that dropped it (one failing method must not sink the lease)
+
+    def attempt(label, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except Exception as e:   # noqa: BLE001  (recorded in the results and printed, never hidden)
+            import traceback
+            errors[label] = "".join(traceback.format_exception(e)[-3:])
+            print(f"!! {label} failed and is dropped from the rest of the run: {e!r}")
+            return None
+
+    proposers = {label: attempt(label, build, name, opts) for label, name, opts in methods if name != "oracle"}
+    proposers = {k: v for k, v in proposers.items() if v is not None}
     layers = sorted({h for p in proposers.values() for h in getattr(p, "hidden_layers", ())})
     runner = GraphRunner(target, max_len, buckets, hidden_layers=layers, compile=on_gpu, fused=on_gpu).capture()
     chain = GreedyChain(runner.step_forward(1), runner.cache, target.device)
@@ -225,27 +237,37 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     warm = min((p for ps in sets.values() for p in ps), key=lambda p: len(p.prompt_ids)).prompt_ids
     generate(target, base, warm, 8, **run)
     chain.generate(target, warm, 8)
-    for prop in proposers.values():
-        generate(target, prop, warm, 8, **run)
+    for label, prop in list(proposers.items()):
+        if attempt(label, generate, target, prop, warm, 8, **run) is None:
+            del proposers[label]
     setup_s = time.time() - t_setup
     # 4. the oracle on real text, for both models
     t0 = time.time()
     real = [ps[0] for ps in sets.values() if ps][:oracle_prompts]
-    oracle = {"target": oracle_real(target, runner, chain, real, new_tokens),
-              "draft_as_target": oracle_real(draft, draft_runner, draft_chain, real, new_tokens)} if real else {}
+    oracle = {}
+    if real:
+        oracle["target"] = attempt("oracle_real(target)", oracle_real, target, runner, chain, real, new_tokens)
+        oracle["draft_as_target"] = attempt("oracle_real(draft)", oracle_real, draft, draft_runner, draft_chain,
+                                            real, new_tokens)
+        oracle = {k: v for k, v in oracle.items() if v is not None}
     oracle_s = time.time() - t0
     # 5. the peers' models share our weights
     hf = hf_draft = None
     if peer_prompts:
         from .experiments import time_transformers, to_transformers
         hf, hf_draft = to_transformers(target), to_transformers(draft)
-        time_transformers(hf, warm, 4)
-        time_transformers(hf, warm, 4, assistant=hf_draft)
-        time_transformers(hf, warm, 4, prompt_lookup_num_tokens=prompt_lookup)
+
+        def warm_peers():
+            time_transformers(hf, warm, 4)
+            time_transformers(hf, warm, 4, assistant=hf_draft)
+            time_transformers(hf, warm, 4, prompt_lookup_num_tokens=prompt_lookup)
+            return True
+
+        if attempt("transformers peers", warm_peers) is None:
+            hf = None
 
     results = {name: {label: [] for label in ["baseline", "baseline_device_loop", *proposers]} for name in sets}
     peers = {name: [] for name in sets}
-    oracle_runs = {name: {} for name in sets}
     rounds = max(len(ps) for ps in sets.values())
     round_s, done, stopped = [], 0, None
     out = {}
@@ -265,27 +287,37 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
             b = generate(target, base, p.prompt_ids, new_tokens, **kw, **run)
             res["baseline"].append(b)
             res["baseline_device_loop"].append(chain.generate(target, p.prompt_ids, new_tokens, **kw))
-            for label, prop in proposers.items():
+            for label, prop in list(proposers.items()):
                 if label in per_set:
                     if name not in per_set[label]:
                         method = next(m for m in methods if m[0] == label)
                         per_set[label][name] = build(method[1], method[2])
                     prop = per_set[label][name]
-                m = generate(target, prop, p.prompt_ids, new_tokens, **kw, **run)
+                m = attempt(label, generate, target, prop, p.prompt_ids, new_tokens, **kw, **run)
+                if m is None:
+                    del proposers[label]
+                    continue
                 if hasattr(prop, "observe"):
                     prop.observe(m.tokens)
                 res[label].append(m)
             for label, name_, opts in methods:
-                if name_ == "oracle":   # the target's own greedy output, proposed back
+                if name_ == "oracle" and label not in errors:   # the target's own greedy output, proposed back
                     prop = make_proposer("oracle", continuations={tuple(p.prompt_ids): b.tokens}, **opts)
-                    res.setdefault(label, []).append(generate(target, prop, p.prompt_ids, new_tokens, **kw, **run))
+                    m = attempt(label, generate, target, prop, p.prompt_ids, new_tokens, **kw, **run)
+                    if m is not None:
+                        res.setdefault(label, []).append(m)
             if r < peer_prompts and hf is not None:
-                peers[name].append(_peer_rows(hf, hf_draft, target, base, run, p, peer_tokens, prompt_lookup))
+                row = attempt("transformers peers", _peer_rows, hf, hf_draft, target, base, run, p, peer_tokens,
+                              prompt_lookup)
+                if row is None:
+                    hf = None
+                else:
+                    peers[name].append(row)
         round_s.append(time.time() - t_round)
         done = r + 1
         out = _collect(models, methods, sets, results, peers, curves, runner, new_tokens, peer_tokens)
         out["run"].update(oracle_real=oracle, setup_s=setup_s, oracle_s=oracle_s, round_s=round_s,
-                          rounds_done=done, rounds_planned=rounds, stopped=stopped, hidden_layers=layers,
+                          rounds_done=done, rounds_planned=rounds, stopped=stopped, hidden_layers=layers, errors=errors,
                           max_len=max_len, variant_target=dict(runner.variant), variant_draft=dict(draft_runner.variant))
         if on_gpu:
             out["run"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -420,6 +452,16 @@ def live_main(argv=None):
     ap.add_argument("--tag", default="", help="suffix for the file names, e.g. _fp32")
     a = ap.parse_args(argv)
     methods = parse_methods(a.methods)          # checked before any model loads
+    from .methods import METHODS
+    unknown = [name for _, name, _ in methods if name not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}: choose from {', '.join(sorted(METHODS))}")
+    from .methods import check_options
+    for label, name, options in methods:
+        try:
+            check_options(name, options)
+        except ValueError as e:
+            ap.error(f"{label}: {e}")
     for flag in ("per_category", "new_tokens", "peer_tokens"):
         if getattr(a, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -453,6 +495,8 @@ def live_main(argv=None):
         print(f"oracle on real text ({who}): " + " ".join(
             f"g={g}: {v['decode_speedup']:.2f}x (tau {v['mean_accepted_len']:.2f}, same {v['same_tokens']:.0%})"
             for g, v in o["g"].items()))
+    for label, err in run.get("errors", {}).items():
+        print(f"ERROR ({label} dropped): {err.strip()}")
     if "peak_memory_bytes" in run:
         print(f"peak GPU memory: {run['peak_memory_bytes'] / 2**30:.1f} GiB")
     print("wrote " + ", ".join(str(p) for p in written))
