@@ -243,7 +243,11 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     setup_s = time.time() - t_setup
     # 4. the oracle on real text, for both models
     t0 = time.time()
+    left = lambda: float("inf") if deadline is None else deadline - time.time()  # noqa: E731
     real = [ps[0] for ps in sets.values() if ps][:oracle_prompts]
+    if real and left() < 150:
+        print(f"(oracle skipped: {left():.0f} s left of the budget)")
+        real = []
     oracle = {}
     if real:
         oracle["target"] = attempt("oracle_real(target)", oracle_real, target, runner, chain, real, new_tokens)
@@ -253,7 +257,9 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     oracle_s = time.time() - t0
     # 5. the peers' models share our weights
     hf = hf_draft = None
-    if peer_prompts:
+    if peer_prompts and left() < 150:
+        print(f"(transformers peers skipped: {left():.0f} s left of the budget)")
+    elif peer_prompts:
         from .experiments import time_transformers, to_transformers
         hf, hf_draft = to_transformers(target), to_transformers(draft)
 
