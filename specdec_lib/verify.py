@@ -64,6 +64,16 @@ def verify_greedy(draft: Draft, logits: torch.Tensor) -> Accepted:
     return follow_greedy(draft, logits.argmax(-1).tolist())
 
 
+def accept_draft_token(p_x: float, q_x: float, generator: torch.Generator | None, device) -> bool:
+    """True with probability min(1, p(x) / q(x)): draw u ~ U[0, 1), accept if u < p(x) / q(x).
+
+    One of the verifier's two random draws (the other is `sample`); the exact tests replace both
+    to enumerate every outcome of a verify step with its probability (tests/helpers.py).
+    """
+    u = torch.rand((), generator=generator, device=generator.device if generator is not None else device)
+    return q_x > 0 and float(u) * q_x < p_x
+
+
 def verify_sampling(draft: Draft, logits: torch.Tensor, params: SamplingParams,
                     generator: torch.Generator | None) -> Accepted:
     """Recursive rejection sampling over a chain or a tree; see the module docstring."""
@@ -87,8 +97,7 @@ def verify_sampling(draft: Draft, logits: torch.Tensor, params: SamplingParams,
                     q[rejected] = 0.0
                     q = q / q.sum()
             rejected.append(x)
-            u = torch.rand((), generator=generator, device=generator.device if generator else p.device)
-            if float(q[x]) > 0 and float(u) * float(q[x]) < float(p[x]):   # u < p(x) / q(x)
+            if accept_draft_token(float(p[x]), float(q[x]), generator, p.device):
                 path.append(c)
                 node, p = c, p_rows[c + 1]
                 break

@@ -22,13 +22,6 @@ def tiny_draft():
     return random_model(TINY_DRAFT, seed=1)
 
 
-def to_transformers(model):
-    """The same weights, copied, in transformers' Qwen2ForCausalLM with eager attention: the reference
-    we must agree with."""
-    from specdec_lib.experiments import to_transformers as convert
-    return convert(model, copy=True, attn_implementation="eager")
-
-
 @pytest.fixture(scope="session")
 def tiny_prompts():
     g = torch.Generator().manual_seed(123)

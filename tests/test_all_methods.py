@@ -41,3 +41,29 @@ def test_greedy_output_equals_baseline(setup, name):
         eos = ref[4]
         cut = ref[:ref.index(eos) + 1]
         assert generate(models.target, proposer, p, MAX_NEW, eos_ids=[eos]).tokens == cut, name
+
+
+# ---------------------------------------------------------------- sampling: exactly the target's distribution
+EXACT = {"ngram": {"draft_len": 2, "max_n": 2}, "suffix": {"min_token_prob": 0.0}, "random": {"draft_len": 2},
+         "oracle": {"draft_len": 2}}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_sampling_is_exactly_the_target_distribution(name):
+    """generate() at T = 0.9, top-p 0.95 with a proposer of fixed tokens (q = None): the first 3 tokens
+    follow the target's distribution exactly (every random draw enumerated, tests/helpers.py)."""
+    from specdec_lib.qwen2 import random_model
+    from specdec_lib.sampling import SamplingParams
+    from tests.helpers import enumerate_outcomes, exact_distribution, toy_config, tv
+    target = random_model(toy_config(4), seed=31, std=0.5)
+    prompt, params = [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(0.9, 0.95)
+    extra = {"random": {"vocab_size": 4}, "oracle": {"continuations": {tuple(prompt): [3, 1, 2]}}}.get(name, {})
+    proposed = []
+
+    def run():
+        prop = make_proposer(name, **EXACT[name], **extra)
+        out = generate(target, prop, prompt, 3, params.temperature, params.top_p)
+        proposed.append(out.record.proposed)
+        return tuple(out.tokens)
+    assert tv(enumerate_outcomes(run), exact_distribution(target, params, prompt, 3)) < 1e-6
+    assert max(proposed) > 0, f"{name} never proposed: the test would not test the verifier"

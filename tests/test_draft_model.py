@@ -1,5 +1,4 @@
 """The draft-model proposer: exact toy cases, greedy equality, the output distribution, vocab sizes."""
-import itertools
 
 import pytest
 import torch
@@ -8,16 +7,11 @@ from specdec_lib.decoding import generate
 from specdec_lib.methods import make_proposer
 from specdec_lib.methods.draft_model import DraftModel, common_prefix_len, fit_vocab
 from specdec_lib.qwen2 import Qwen2Config, random_model
-from specdec_lib.sampling import SamplingParams, probs_from_logits
-from specdec_lib.tree import chain_inputs
+from specdec_lib.sampling import SamplingParams
 from specdec_lib.experiments import goodness_of_fit
+from tests.helpers import enumerate_outcomes, exact_distribution as exact_first, toy_config, tv
 
 MAX_NEW = 16
-
-
-def toy_config(vocab):
-    return Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1)
 
 
 @pytest.fixture(scope="module")
@@ -112,18 +106,9 @@ def test_differing_vocab_sizes(v_target, v_draft):
 SV, K, PROMPT, TRIALS = 4, 2, [1, 3], 800
 
 
-@torch.no_grad()
 def exact_distribution(target, params):
-    """P(first K tokens) under the target alone, from its forward (no sampling)."""
-    probs = {}
-    for seq in itertools.product(range(SV), repeat=K):
-        ids = PROMPT + list(seq[:-1])
-        cache = target.new_cache(len(ids))
-        pos, slots, mask = chain_inputs(0, len(ids))
-        logits, _ = target(torch.tensor([ids]), pos, cache, mask, slots)
-        p = probs_from_logits(logits[0, len(PROMPT) - 1:], params)   # rows after prompt, prompt+seq[0], ...
-        probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(K)])))
-    return probs
+    """P(first K tokens) under the target alone, from its forwards (no sampling)."""
+    return exact_first(target, params, PROMPT, K)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +129,46 @@ def test_sampling_output_matches_target_distribution(toy_pair):
     assert 0 < accepted < trials * K       # the draft really differs from the target
     p = goodness_of_fit(counts, exact_distribution(target, params))["p_value"]
     assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def one_step_tv(target, draft, params, g=2, propose=None, prompt=(1, 2)):
+    """TV between generate() with the draft model and the target alone over the first g + 1 tokens,
+    by exact enumeration of every random draw (the draft's samples, the verifier's tests)."""
+    def run():
+        prop = DraftModel(draft, draft_len=g)
+        if propose is not None:
+            prop.propose = propose.__get__(prop)
+        return tuple(generate(target, prop, list(prompt), g + 1, params.temperature, params.top_p).tokens)
+    return tv(enumerate_outcomes(run), exact_first(target, params, list(prompt), g + 1))
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    """Vocabulary 3: every branch of a 2-token draft step can be enumerated in about a second."""
+    return random_model(toy_config(3), seed=21, std=0.5), random_model(toy_config(3), seed=22, std=0.5)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.8), SamplingParams(1.0, 0.9)], ids=["T=0.8", "T=1, top_p=0.9"])
+def test_one_step_is_exactly_the_target_distribution(small_pair, params):
+    """Exact: the draft's q is the distribution it sampled from, and the verifier corrects for it."""
+    target, draft = small_pair
+    assert one_step_tv(target, draft, params) < 1e-6
+
+
+def test_seeded_bug_q_at_another_temperature_fails(small_pair):
+    """Mutation check: a draft that samples at T = 0.8 but reports q at T = 1 must fail the exact test."""
+    import inspect
+    import textwrap
+    import specdec_lib.methods.draft_model as module
+    src = textwrap.dedent(inspect.getsource(DraftModel.propose))
+    old = "q_rows.append(q)"
+    assert old in src, "the mutation no longer applies: update the test"
+    src = src.replace(old, "q_rows.append(fit_vocab(probs_from_logits(logits, type(ctx.params)(1.0)), "
+                           "self.vocab, self.target_vocab))").replace("def propose(", "def _mutant(")
+    exec(compile(src, "<mutant>", "exec"), module.__dict__)
+    bad = module.__dict__.pop("_mutant")
+    target, draft = small_pair
+    assert one_step_tv(target, draft, SamplingParams(0.8), propose=bad) > 1e-3
 
 
 def test_distribution_test_has_power(toy_pair):

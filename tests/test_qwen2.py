@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specdec_lib.tree import chain_inputs, step_inputs, root_to_leaf_paths
-from tests.conftest import to_transformers
+from tests.helpers import to_transformers
 
 TOL = 1e-4  # float32
 

@@ -1,14 +1,26 @@
-"""The verifier: exact toy cases (greedy) and the output distribution (sampling)."""
+"""The verifier: exact toy cases (greedy) and the exact output distribution (sampling).
+
+Sampling is tested by exact enumeration, not by Monte Carlo: tests/helpers.enumerate_outcomes
+runs one draft + verify step once per branch of its random draws, which gives the probability of
+every emitted sequence. Completed with the target's own sampling, it must equal the target's
+distribution to 1e-6 in total variation, over many random (p, q) pairs. Bugs a chi-square test
+with a few thousand trials misses (a median TV of 0.01 - 0.05) fail here at once: the seeded
+mutants at the end must fail the same check.
+"""
+import inspect
 import itertools
+import math
+import random
 import zlib
 
 import pytest
 import torch
 
-from specdec_lib.sampling import SamplingParams, probs_from_logits, sample
+import specdec_lib.verify as verify_module
+from specdec_lib.sampling import SamplingParams, probs_from_logits
 from specdec_lib.tree import Draft
-from specdec_lib.verify import verify
-from specdec_lib.experiments import goodness_of_fit
+from specdec_lib.verify import verify, verify_sampling
+from tests.helpers import enumerate_outcomes, tv
 
 V = 16
 GREEDY = SamplingParams(0.0)
@@ -51,94 +63,154 @@ def test_logit_row_count_checked():
         verify(Draft.chain([1, 2]), torch.zeros(2, V), GREEDY)
 
 
-# ---------------------------------------------------------------- sampling: distribution tests
-SV, K = 4, 2   # vocab of 4, compare distributions over sequences of 2 tokens (16 outcomes)
+# ---------------------------------------------------------------- sampling: exact distribution tests
+SV = 3   # vocabulary of the toy models: small enough to enumerate every branch
 
 
-def toy_dist(ctx, salt, params):
-    """A fixed distribution for each context (a tuple of tokens): deterministic pseudo-random logits."""
-    g = torch.Generator().manual_seed(zlib.crc32(repr((salt, tuple(ctx))).encode()))
-    logits = torch.randn(SV, generator=g) * 1.5
-    return logits, probs_from_logits(logits, params)
+def toy_lm(seed, scale):
+    """A toy language model: fixed pseudo-random logits [SV] for every context (a tuple of tokens)."""
+    memo = {}
+
+    def logits(ctx):
+        ctx = tuple(ctx)
+        if ctx not in memo:
+            g = torch.Generator().manual_seed(zlib.crc32(repr((seed, ctx)).encode()))
+            memo[ctx] = torch.randn(SV, generator=g) * scale
+        return memo[ctx]
+    return logits
 
 
-def draw_tree(ctx, shape, params, gen, mode):
-    """Sample a draft tree of the given shape (branching per depth) from the toy draft q."""
+def draw_tree(ctx, shape, q_lm, q_params, mode):
+    """A draft tree of the given shape (children per node, per depth) drawn from the draft q.
+
+    mode: "iid" (siblings drawn independently, each q row = the parent's q), "wor_rows" (without
+    replacement, each sibling's row = q minus the earlier siblings, renormalised; flagged),
+    "wor_rows_noflag" (the same rows, not flagged), "wor_parent_q" (without replacement, every
+    sibling's row = the parent's q, flagged: the verifier removes the earlier siblings), "none"
+    (deterministic: the most likely distinct tokens, q = None).
+    """
     tokens, parents, qs = [], [], []
     frontier = [(-1, list(ctx))]
     for width in shape:
         nxt = []
         for parent, pctx in frontier:
-            _, q = toy_dist(pctx, "draft", SamplingParams(1.0))
-            q = q.clone()
+            q = probs_from_logits(q_lm(pctx), q_params)
+            left = q.clone()                          # what is left to draw from, without replacement
             for _ in range(width):
-                if mode == "deterministic":            # distinct top tokens, q = None (one-hot)
-                    x = int(q.argmax()); qrow = None; q[x] = 0
+                if mode == "none":
+                    x = int(left.argmax())
+                    left[x] = 0
+                    qs.append(None)
+                elif mode == "iid":
+                    x = int(verify_module.sample(q, None))
+                    qs.append(q)
                 else:
-                    x = int(sample(q, gen)); qrow = q.clone()
-                    if mode == "without_replacement":  # next sibling drawn from q minus x, renormalised
-                        q[x] = 0; q = q / q.sum()
-                tokens.append(x); parents.append(parent); qs.append(qrow)
+                    if float(left.sum()) == 0:            # q's support is used up: fewer siblings
+                        break
+                    row = left / left.sum()
+                    x = int(verify_module.sample(row, None))
+                    qs.append(q if mode == "wor_parent_q" else row)
+                    left[x] = 0
+                tokens.append(x)
+                parents.append(parent)
                 nxt.append((len(tokens) - 1, pctx + [x]))
         frontier = nxt
-    q = None if mode == "deterministic" else torch.stack(qs)
-    return Draft(torch.tensor(tokens), torch.tensor(parents), q)
+    return Draft(torch.tensor(tokens), torch.tensor(parents), None if mode == "none" else torch.stack(qs),
+                 without_replacement=mode in ("wor_rows", "wor_parent_q"))
 
 
-def spec_sample(params, shape, mode, trials, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    counts = {}
-    for _ in range(trials):
-        out = []
-        while len(out) < K:
-            ctx = list(out)
-            d = draw_tree(ctx, shape, params, gen, mode)
-            # target logits for each verify row: row 0 = ctx, row i + 1 = ctx + path to node i
-            rows, paths = [toy_dist(ctx, "target", params)[0]], {-1: []}
-            for i, p in enumerate(d.parents.tolist()):
-                paths[i] = paths[p] + [int(d.tokens[i])]
-                rows.append(toy_dist(ctx + paths[i], "target", params)[0])
-            acc = verify(d, torch.stack(rows), params, gen)
-            out += acc.emitted
-        key = tuple(out[:K])
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+def one_step(p_lm, q_lm, params, q_params, shape, mode, verify_fn):
+    """A draft drawn from q, the target's logits for its verify rows, one verify: the emitted tokens."""
+    d = draw_tree((), shape, q_lm, q_params, mode)
+    paths, rows = {-1: []}, [p_lm(())]              # row 0 = the root context, row i + 1 = node i
+    for i, parent in enumerate(d.parents.tolist()):
+        paths[i] = paths[parent] + [int(d.tokens[i])]
+        rows.append(p_lm(paths[i]))
+    return tuple(verify_fn(d, torch.stack(rows), params, None).emitted)
 
 
-def exact(params):
-    probs = {}
-    for seq in itertools.product(range(SV), repeat=K):
-        pr = 1.0
-        for i in range(K):
-            pr *= float(toy_dist(list(seq[:i]), "target", params)[1][seq[i]])
-        probs[seq] = pr
-    return probs
+def step_tv(p_lm, q_lm, params, q_params, shape, mode, verify_fn=verify_sampling) -> float:
+    """TV between (one speculative step + the target's own sampling) and the target alone, over the
+    first len(shape) + 1 tokens."""
+    emitted = enumerate_outcomes(lambda: one_step(p_lm, q_lm, params, q_params, shape, mode, verify_fn))
+    n = len(shape) + 1
+    p = {}
+
+    def p_of(ctx):                                    # the target's next-token probabilities, floats
+        if ctx not in p:
+            p[ctx] = probs_from_logits(p_lm(ctx), params).double().tolist()
+        return p[ctx]
+
+    def target_prob(seq, start):                      # P(seq[start:] | seq[:start]) under the target
+        return math.prod(p_of(seq[:i])[seq[i]] for i in range(start, len(seq)))
+
+    target = {seq: target_prob(seq, 0) for seq in itertools.product(range(SV), repeat=n)}
+    spec = {}
+    for e, pr in emitted.items():                     # complete each emitted prefix with the target
+        for rest in itertools.product(range(SV), repeat=n - len(e)):
+            spec[e + rest] = spec.get(e + rest, 0.0) + pr * target_prob(e + rest, len(e))
+    assert abs(sum(emitted.values()) - 1) < 1e-9
+    return tv(spec, target)
 
 
-CASES = [
-    ("chain g=3", SamplingParams(1.0), (1, 1, 1), "independent"),
-    ("chain g=2, T=0.7, top_p=0.8", SamplingParams(0.7, 0.8), (1, 1), "independent"),
-    ("tree 2x2 iid siblings", SamplingParams(1.0), (2, 2), "independent"),
-    ("tree 3x1 without replacement", SamplingParams(1.0), (3, 1), "without_replacement"),
-    ("tree 2x2 deterministic (q=None)", SamplingParams(0.9), (2, 2), "deterministic"),
+def random_cases(n, seed=0):
+    """n random (target, draft, sampling params) triples: peaked and flat p and q, T and top-p varied."""
+    rng = random.Random(seed)
+    settings = [SamplingParams(1.0), SamplingParams(0.7), SamplingParams(1.0, 0.8), SamplingParams(1.3, 0.9)]
+    return [(toy_lm(("p", seed, i), rng.choice([0.3, 1.0, 2.5])), toy_lm(("q", seed, i), rng.choice([0.3, 1.0, 2.5])),
+             rng.choice(settings), rng.choice(settings)) for i in range(n)]
+
+
+CASES = [   # (name, tree shape: children per node at each depth, mode)
+    ("chain g=2", (1, 1), "iid"),
+    ("tree 2x1 iid siblings", (2, 1), "iid"),
+    ("tree 3 without replacement, rows", (3,), "wor_rows"),
+    ("tree 2x1 without replacement, rows", (2, 1), "wor_rows_noflag"),
+    ("tree 3 without replacement, parent q", (3,), "wor_parent_q"),
+    ("tree 2x2 q=None", (2, 2), "none"),
+    ("chain g=2 q=None", (1, 1), "none"),
+]
+N_CASES = 24
+
+
+@pytest.mark.parametrize("name,shape,mode", CASES, ids=[c[0] for c in CASES])
+def test_one_step_is_exactly_the_target_distribution(name, shape, mode):
+    worst = max(step_tv(p, q, params, qp, shape, mode) for p, q, params, qp in random_cases(N_CASES))
+    assert worst < 1e-6, f"{name}: TV {worst:.2e} from the target's distribution"
+
+
+def test_the_draft_really_differs_from_the_target():
+    """The check has power: sampling from the draft alone is far from the target."""
+    p, q, params, qp = random_cases(1)[0]
+    alone = {(x,): float(w) for x, w in enumerate(probs_from_logits(q(()), qp))}
+    target = {(x,): float(w) for x, w in enumerate(probs_from_logits(p(()), params))}
+    assert tv(alone, target) > 0.05
+
+
+# ---------------------------------------------------------------- mutation check: seeded bugs must fail
+def mutant(old: str, new: str):
+    """verify_sampling with one line changed, compiled in the verifier's own module (same globals)."""
+    src = inspect.getsource(verify_sampling)
+    if old not in src:
+        raise AssertionError(f"the mutation no longer applies (update the test): {old!r}")
+    code = src.replace(old, new).replace("def verify_sampling(", "def _mutant(")
+    exec(compile(code, "<mutant>", "exec"), verify_module.__dict__)
+    return verify_module.__dict__.pop("_mutant")
+
+
+MUTANTS = [
+    ("later siblings reuse the first sibling's q", "q = draft.q[c].to(p)", "q = draft.q[kids[node][0]].to(p)",
+     (2, 1), "wor_rows_noflag"),
+    ("residual not renormalised (iid tree)", "p = residual / total if", "p = residual if", (2, 1), "iid"),
+    ("residual not renormalised (tree without replacement)", "p = residual / total if", "p = residual if",
+     (3,), "wor_rows"),
+    ("accept with p / q the wrong way round", "if accept_draft_token(float(p[x]), float(q[x])",
+     "if accept_draft_token(float(q[x]), float(p[x])", (1, 1), "iid"),
 ]
 
 
-@pytest.mark.parametrize("name,params,shape,mode", CASES, ids=[c[0] for c in CASES])
-def test_sampling_preserves_target_distribution(name, params, shape, mode):
-    trials = 4000
-    counts = spec_sample(params, shape, mode, trials)
-    p = goodness_of_fit(counts, exact(params))["p_value"]
-    assert p > 1e-3, f"{name}: chi-square p = {p:.2e}"
-
-
-def test_distribution_test_has_power():
-    """Negative control: sampling from the draft alone (no verification) must fail the same test."""
-    gen = torch.Generator().manual_seed(1)
-    trials, counts = 4000, {}
-    for _ in range(trials):
-        out = []
-        for _ in range(K):
-            out.append(int(sample(toy_dist(out, "draft", SamplingParams(1.0))[1], gen)))
-        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
-    assert goodness_of_fit(counts, exact(SamplingParams(1.0)))["p_value"] < 1e-6
+@pytest.mark.parametrize("name,old,new,shape,mode", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_seeded_bugs_fail_the_exact_test(name, old, new, shape, mode):
+    bad = mutant(old, new)
+    worst = max(step_tv(p, q, params, qp, shape, mode, bad) for p, q, params, qp in random_cases(8))
+    assert worst > 1e-3, f"mutant '{name}' was not caught (TV {worst:.2e})"
