@@ -63,3 +63,13 @@ def test_live_tiny(tmp_path):
     for s in read_json(tmp_path / "04_suffix" / "h200_live.json"):
         check_summary(s)
         assert s.get("chapter", "04_suffix") == "04_suffix"
+
+
+def test_fast_forward_on_cpu_is_the_plain_path(tiny_target):
+    from specdec_lib.cuda_graphs import fast_forward
+    forward, cache, kv_len = fast_forward(tiny_target, 64)
+    assert kv_len is None and cache.max_len == 64
+    prompt = list(range(10, 20))
+    ref = generate(tiny_target, make_proposer("baseline"), prompt, 8).tokens
+    assert generate(tiny_target, make_proposer("baseline"), prompt, 8, forward=forward, cache=cache,
+                    kv_len=kv_len).tokens == ref
