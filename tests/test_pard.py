@@ -292,3 +292,19 @@ def test_training_lowers_the_loss_on_toy_data():
     prop = pard.ParallelDraft(pard.merged_model(draft, learn.module), masks(learn.module), draft_len=4)
     prop.reset([3, 4, 5])
     assert prop.proposal_logits([3, 4, 5], 4)[:, :12].argmax(-1).tolist() == [6, 7, 8, 9]
+
+
+def test_through_a_graph_runner_as_bench_live_runs_it(tiny_target, tiny_draft, tiny_pard, tiny_prompts):
+    """The merged drafter behind cuda_graphs.GraphDraft (on a CPU: eager forwards in padded buckets),
+    shared by proposers of several k, as the live benchmark runs it: the output is still the target's."""
+    from specdec_lib.cuda_graphs import GraphDraft, GraphRunner
+    _, ad = tiny_pard
+    merged = pard.merged_model(tiny_draft, ad)
+    runner = GraphRunner(merged, 128, buckets=(1, 2, 4, 8, 16), compile=False, fused=False).capture()
+    drafter = (GraphDraft(runner), masks(ad))
+    base = make_proposer("baseline")
+    for k in (2, 5):
+        prop = make_proposer("pard", None, drafter=drafter, draft_len=k)
+        for p in tiny_prompts:
+            ref = generate(tiny_target, base, p, MAX_NEW).tokens
+            assert generate(tiny_target, prop, p, MAX_NEW).tokens == ref, (k, len(p))

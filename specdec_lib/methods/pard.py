@@ -371,7 +371,7 @@ class PardLearner:
         self.rows_per_token: list[float] = []         # forward rows / real tokens, per training batch
 
     def header(self) -> dict:
-        return dict(self.module.settings, keep=self.keep, keep_min=self.keep_min)
+        return dict(self.module.settings, keep=self.keep, keep_min=self.keep_min, grad_checkpoint=self.grad_checkpoint)
 
     def loss(self, batch, teacher=None):
         from ..train import chunked_cross_entropy
