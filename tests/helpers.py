@@ -6,7 +6,8 @@
   through `sample` and `verify.accept_draft_token`, proposers through `sample`: replacing those
   two (see `RANDOM_DRAWS`) turns one verify step, or one propose + verify step, into an exact
   distribution that can be compared with the target's to 1e-6 instead of by a chi-square test.
-- `tv`: total variation distance between two {outcome: probability} dicts.
+- `tv`: total variation distance between two {outcome: probability} dicts; `tree_call`: the
+  arguments of one verify forward over a draft tree.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from specdec_lib.qwen2 import Qwen2Config
 from specdec_lib.sampling import probs_from_logits
-from specdec_lib.tree import chain_inputs
+from specdec_lib.tree import chain_inputs, step_inputs
 
 
 # ---------------------------------------------------------------- toy models
@@ -39,6 +40,12 @@ def exact_distribution(target, params, prompt: list[int], k: int) -> dict:
         p = probs_from_logits(logits[0, len(prompt) - 1:], params)   # rows after prompt, prompt+seq[0], ...
         probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(k)])))
     return probs
+
+
+def tree_call(cache, root: int, tokens: list[int], parents: list[int]):
+    """The arguments of one verify forward: root + a draft tree after the cache's contents."""
+    pos, slots, mask = step_inputs(cache.length, torch.tensor(parents))
+    return torch.tensor([[root] + tokens]), pos, cache, mask, slots
 
 
 def tv(a: dict, b: dict) -> float:

@@ -3,20 +3,16 @@
 import pytest
 import torch
 
-from specdec_lib.tree import chain_inputs, step_inputs, root_to_leaf_paths
-from tests.helpers import to_transformers
+from specdec_lib.decoding import prefill
+from specdec_lib.tree import root_to_leaf_paths
+from tests.helpers import to_transformers, tree_call
 
 TOL = 1e-4  # float32
 
 
-def run(model, cache, ids, parents=None, kv_len=None, hidden_layers=()):
-    """Feed ids after the cache's current contents (a chain unless parents is given)."""
-    ids = torch.as_tensor(ids)[None]
-    if parents is None:
-        pos, slots, mask = chain_inputs(cache.length, ids.shape[1], kv_len)
-    else:
-        pos, slots, mask = step_inputs(cache.length, torch.as_tensor(parents), kv_len)
-    return model(ids, pos, cache, mask, slots, hidden_layers)
+def run(model, cache, ids, kv_len=None, hidden_layers=()):
+    """Feed ids as a chain after the cache's contents and advance it (decoding.prefill)."""
+    return prefill(model, torch.as_tensor(ids)[None], cache, hidden_layers, kv_len)
 
 
 @torch.no_grad()
@@ -25,11 +21,9 @@ def check_against_transformers(model, hf, seq):
     # prefill everything but the last 5 tokens, then 5 one-token steps
     cache = model.new_cache(128)
     logits, _ = run(model, cache, seq[:-5])
-    cache.length = len(seq) - 5
     steps = [logits[0]]
     for i in range(len(seq) - 5, len(seq)):
         out, _ = run(model, cache, [seq[i]])
-        cache.length += 1
         steps.append(out[0])
     ours = torch.cat(steps)
     assert (ours - ref).abs().max().item() <= TOL
@@ -65,20 +59,13 @@ def test_tree_step_matches_each_path(tiny_target):
     parents = [-1, 0, 0, -1, 3, 1]   # root -> 11 -> {12 -> 16, 13}; root -> 14 -> 15
     cache = tiny_target.new_cache(64)
     run(tiny_target, cache, prefix)
-    cache.length = len(prefix)
     # verify rows: 0 = root, i + 1 = node i
-    logits, _ = tiny_target(*_tree_call(cache, root, tokens, parents))
+    logits, _ = tiny_target(*tree_call(cache, root, tokens, parents))
     for path in root_to_leaf_paths(torch.tensor(parents)):
         seq = prefix + [root] + [tokens[i] for i in path]
         ref = hf(torch.tensor([seq])).logits[0, len(prefix):]
         ours = logits[0, [0] + [i + 1 for i in path]]
         assert (ours - ref).abs().max().item() <= TOL
-
-
-def _tree_call(cache, root, tokens, parents):
-    pos, slots, mask = step_inputs(cache.length, torch.tensor(parents))
-    ids = torch.tensor([[root] + tokens])
-    return ids, pos, cache, mask, slots
 
 
 @torch.no_grad()
@@ -106,10 +93,9 @@ def test_real_1_5b_matches_transformers():
     with torch.no_grad():
         cache = ours.new_cache(64)
         run(ours, cache, seq[:16])
-        cache.length = 16
         parents = [-1, 0, -1, 2]
         tokens = seq[17:21]
-        logits, _ = ours(*_tree_call(cache, seq[16], tokens, parents))
+        logits, _ = ours(*tree_call(cache, seq[16], tokens, parents))
         for path in root_to_leaf_paths(torch.tensor(parents)):
             ref = hf(torch.tensor([seq[:17] + [tokens[i] for i in path]])).logits[0, 16:]
             assert (logits[0, [0] + [i + 1 for i in path]] - ref).abs().max().item() <= TOL

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from specdec_lib.decoding import prefill
 from specdec_lib.tree import (Draft, ancestors, attention_mask, children, depths, root_to_leaf_paths,
                               step_inputs)
+from tests.helpers import tree_call
 
 #  root ── a(0) ── b(1)
 #      └── c(2) ── d(3) ── e(4)
@@ -63,7 +65,8 @@ def test_cache_rollback_and_keep(tiny_target):
     idx = torch.arange(16, dtype=cache.k.dtype)[None, None, None, :, None]
     cache.k[:] = idx
     cache.v[:] = -idx
-    cache.length = 12
+    cache.keep(0, list(range(12)))      # 12 slots in place (a chain prefix: nothing moves)
+    assert cache.length == 12
     cache.rollback(8)
     assert cache.length == 8
     with pytest.raises(ValueError):
@@ -81,13 +84,11 @@ def test_compacted_cache_equals_fresh_prefill(tiny_target):
     prefix, root = [3, 1, 4, 1, 5], 9
     tokens, parents = [20, 21, 22, 23], torch.tensor([-1, -1, 1, 2])   # path: node 1 -> 2 -> 3
     cache = tiny_target.new_cache(32)
-    from tests.test_qwen2 import run, _tree_call
-    run(tiny_target, cache, prefix)
-    cache.length = len(prefix)
-    tiny_target(*_tree_call(cache, root, tokens, parents.tolist()))
+    prefill(tiny_target, torch.tensor([prefix]), cache)
+    tiny_target(*tree_call(cache, root, tokens, parents.tolist()))
     cache.keep(len(prefix), [0, 2, 3, 4])
     fresh = tiny_target.new_cache(32)
-    run(tiny_target, fresh, prefix + [root, 21, 22, 23])
+    prefill(tiny_target, torch.tensor([prefix + [root, 21, 22, 23]]), fresh)
     n = cache.length
     assert n == 9
     assert (cache.k[..., :n, :] - fresh.k[..., :n, :]).abs().max() < 1e-5

@@ -15,7 +15,8 @@ for dtype in ("bfloat16", "float32"):
 from transformers import AutoModelForCausalLM
 from specdec_lib.models import gguf_path
 from specdec_lib.qwen2 import from_transformers
-from specdec_lib.tree import chain_inputs, step_inputs, root_to_leaf_paths
+from specdec_lib.decoding import prefill
+from specdec_lib.tree import step_inputs, root_to_leaf_paths
 
 path = gguf_path("target")
 hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -26,15 +27,11 @@ out = {}
 with torch.inference_mode():
     ref = hf(torch.tensor([seq])).logits[0]
     cache = ours.new_cache(128)
-    pos, slots, mask = chain_inputs(0, 48)
-    pre, _ = ours(torch.tensor([seq[:48]]), pos, cache, mask, slots)
-    cache.length = 48
+    pre, _ = prefill(ours, torch.tensor([seq[:48]]), cache)
     out["prefill_48"] = (pre[0] - ref[:48]).abs().max().item()
     steps = []
     for i in range(48, 56):
-        pos, slots, mask = chain_inputs(cache.length, 1)
-        s, _ = ours(torch.tensor([[seq[i]]]), pos, cache, mask, slots)
-        cache.length += 1
+        s, _ = prefill(ours, torch.tensor([[seq[i]]]), cache)
         steps.append((s[0, 0] - ref[i]).abs().max().item())
     out["incremental_8_steps"] = max(steps)
     parents = [-1, 0, -1, 2, 2]

@@ -80,7 +80,7 @@ class DraftModel:
             L = self.cache.length
             new.k[:, :, :, :L] = self.cache.k[:, :, :, :L]
             new.v[:, :, :, :L] = self.cache.v[:, :, :, :L]
-            new.length = L
+            new.keep(0, list(range(L)))              # slots 0..L-1 hold accepted tokens (nothing moves)
         self.cache = new
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
