@@ -12,7 +12,9 @@
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,10 +24,13 @@ CHAPTERS_DIR = Path(__file__).resolve().parent.parent / "chapters"
 
 
 def results_dir(chapter: str, profile: str | None = None) -> Path:
-    """chapters/results/<chapter>/ for real profiles; a temporary folder under `tiny`."""
+    """chapters/results/<chapter>/ for real profiles; under `tiny` a temporary folder, deleted when
+    the process (the notebook's kernel) exits."""
     profile = profile_from_env(profile)
     if profile == "tiny":
-        return Path(tempfile.mkdtemp(prefix=f"specdec-{chapter}-"))
+        tmp = tempfile.mkdtemp(prefix=f"specdec-{chapter}-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)   # removed when the kernel exits
+        return Path(tmp)
     out = CHAPTERS_DIR / "results" / chapter
     out.mkdir(parents=True, exist_ok=True)
     return out

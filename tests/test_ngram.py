@@ -171,3 +171,20 @@ def test_greedy_equals_baseline_on_tiny_target(tiny_target, quoting_prompts, opt
         proposed += out.record.proposed
         accepted += out.record.accepted
     assert proposed > 0
+
+
+def test_index_memory_is_bounded_by_the_request():
+    """The index holds one entry per (n, position) of the current request, at most, and is rebuilt
+    at every reset: nothing accumulates over requests."""
+    rng = random.Random(0)
+    prop = make_proposer("ngram", draft_len=4, max_n=3, min_n=1)
+    for _ in range(100):
+        tokens = [rng.randrange(8) for _ in range(rng.randrange(2, 200))]
+        prop.reset(tokens[:1])
+        prop.propose(Context(tokens, 1, 64, SamplingParams(0.0), None))
+        idx, n_sizes = prop.index, prop.max_n - prop.min_n + 1
+        assert idx.tokens == tokens
+        assert sum(len(t) for t in idx.recent.values()) <= n_sizes * len(tokens)
+        assert sum(len(c) for t in idx.counts.values() for c in t.values()) <= n_sizes * len(tokens)
+    prop.reset([1])
+    assert prop.index.tokens == [] and not any(prop.index.recent.values())

@@ -152,3 +152,22 @@ def test_replay_equals_the_real_loop(tiny_target):
     rep = replay_greedy(make_proposer("suffix", max_spec_factor=3.0, min_token_prob=0.0), prompt, ref)
     assert rep == [(s.proposed, s.accepted, s.emitted) for s in real.steps]
     assert sum(a for _, a, _ in rep) == real.record.accepted and sum(e for _, _, e in rep) == 24
+
+
+def test_memory_is_bounded_over_many_requests():
+    """Hundreds of requests: the global trie holds at most cache_size tokens (so at most
+    cache_size * max_depth nodes, exactly those of the cached outputs: evicted nodes are freed),
+    and the request trie only the current request."""
+    rng = random.Random(0)
+    size, depth = 200, 6
+    p = make_proposer("suffix", cache_size=size, max_depth=depth)
+    for r in range(300):
+        prompt = [rng.randrange(20) for _ in range(rng.randrange(1, 30))]
+        out = [rng.randrange(20) for _ in range(rng.randrange(1, 80))]
+        p.reset(prompt)
+        p.propose(ctx_for(prompt + out, len(prompt)))
+        p.observe(out)
+        assert p.cached_tokens <= size
+        assert p.global_trie.n_nodes <= size * depth
+        assert p.request_trie.n_nodes <= len(prompt + out) * depth
+    assert p.global_trie.n_nodes == len(naive_counts(p.cached, depth))
