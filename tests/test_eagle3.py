@@ -83,8 +83,8 @@ def hand_made():
     table = {(): row(A=.6, B=.35, C=.05), (A,): row(C=.5, D=.4, E=.1), (B,): row(E=.9, F=.05, A=.05)}
     calls = []
 
-    def expand(nodes, tokens, parents, level):
-        calls.append((nodes.tolist(), tokens.tolist(), parents.tolist(), level))
+    def expand(tokens, parent_rank, level):
+        calls.append((tokens.tolist(), parent_rank.tolist(), level))
         return torch.stack([table.get((t,), row(A=1.0)) for t in tokens.tolist()])
     return table[()], expand, calls
 
@@ -93,7 +93,7 @@ def test_dynamic_tree_hand_made():
     root, expand, calls = hand_made()
     t = dynamic_tree(root, expand, top_k=2, depth=2, total_tokens=3)
     assert (t.tokens.tolist(), t.parents.tolist()) == ([A, B, E], [-1, -1, 1])
-    assert calls == [([0, 1], [A, B], [-1, -1], 1)]       # both level-1 nodes fed, once
+    assert calls == [([A, B], [0, 0], 1)]                # both level-1 nodes fed, once (parent: the root)
     assert torch.allclose(t.scores.exp(), torch.tensor([.6, .35, .315], dtype=torch.float64), atol=1e-6)
     t = dynamic_tree(root, expand, top_k=2, depth=2, total_tokens=4)
     assert (t.tokens.tolist(), t.parents.tolist()) == ([A, B, C, E], [-1, -1, 0, 1])
@@ -103,7 +103,7 @@ def test_dynamic_tree_expands_only_the_most_confident():
     root, expand, calls = hand_made()
     # top_k 2, depth 3: level 2 candidates ac .30, ad .24, be .315, bf .0175 -> feed be and ac
     t = dynamic_tree(root, expand, top_k=2, depth=3, total_tokens=100)
-    assert calls[1][1:] == ([C, E], [0, 1], 2)
+    assert calls[1] == ([C, E], [0, 1], 2)                # C's parent A was row 0 of level 1, E's B row 1
     assert len(t.tokens) == 2 + 4 + 4
     Draft(t.tokens, t.parents)                            # a valid tree
     from specdec_lib.tree import validate_parents
@@ -130,40 +130,43 @@ def make_proposer_from(d, hidden=32, vocab=50, **kw):
     return Eagle3Proposer(d, embed, head, **kw)
 
 
+def fresh(p, tokens, hidden):
+    p.reset(tokens)
+    a = p.read_context(tokens, hidden)
+    return p.new_rows(a)
+
+
+def feed(p, toks, parent_rows, rows, level, L, state):
+    t = torch.tensor
+    return p.feed(t(toks), t(parent_rows), t(rows), level, L, state)
+
+
 def test_tree_forward_equals_per_branch_forward():
     """Nodes fed level by level into one cache (tree mask) == each root-to-node path fed alone as a chain."""
     d = small_drafter()
-    p = make_proposer_from(d, top_k=3, depth=3, total_tokens=20)
+    p = make_proposer_from(d, top_k=3, depth=4, total_tokens=20)
     torch.manual_seed(3)
     tokens = torch.randint(0, 50, (7,)).tolist()          # context; tokens[-1] is the root
     L = len(tokens) - 1
     hidden = {l: torch.randn(L, 32) for l in (0, 1, 2)}
-    p.reset(tokens)
-    p._ensure_capacity(64)
-    a_root = p.read_context(tokens, hidden)
-    state = {"outputs": {-1: a_root[0]}, "anc": {-1: []}, "fed": 0}
-    # level 1: nodes 0, 1, 2 (children of the root); level 2: nodes 3, 4 (children of 0 and 2)
-    toks = {0: 4, 1: 9, 2: 11, 3: 2, 4: 30, 5: 7}
-    par = {0: -1, 1: -1, 2: -1, 3: 0, 4: 2, 5: 3}
-    p.expand_nodes([0, 1, 2], [toks[i] for i in (0, 1, 2)], [-1, -1, -1], 1, L, state)
-    p.expand_nodes([3, 4], [toks[3], toks[4]], [0, 2], 2, L, state)
-    p.expand_nodes([5], [toks[5]], [3], 3, L, state)
-    for node in range(6):
-        path, x = [], node
-        while x >= 0:
+    state = fresh(p, tokens, hidden)
+    # rows 1-3: children of the root (level 1); rows 4, 5: children of rows 1 and 3; row 7: child of row 4
+    toks = {1: 4, 2: 9, 3: 11, 4: 2, 5: 30, 7: 7}
+    par = {1: 0, 2: 0, 3: 0, 4: 1, 5: 3, 7: 4}
+    feed(p, [4, 9, 11], [0, 0, 0], [1, 2, 3], 1, L, state)
+    feed(p, [2, 30], [1, 3], [4, 5], 2, L, state)
+    feed(p, [7], [4], [7], 3, L, state)
+    for row in toks:
+        path, x = [], row
+        while x > 0:
             path.append(x)
             x = par[x]
         path.reverse()
-        q = make_proposer_from(d, top_k=1, depth=1, total_tokens=1)
-        q.reset(tokens)
-        q._ensure_capacity(64)
-        a = q.read_context(tokens, hidden)
-        st = {"outputs": {-1: a[0]}, "anc": {-1: []}, "fed": 0}
-        prev = -1
-        for level, x in enumerate(path, start=1):   # one node per forward: a chain
-            q.expand_nodes([x], [toks[x]], [prev], level, L, st)
-            prev = x
-        assert torch.allclose(st["outputs"][node], state["outputs"][node], atol=1e-5), node
+        q = make_proposer_from(d, top_k=1, depth=4, total_tokens=4)
+        st = fresh(q, tokens, hidden)
+        for level, x in enumerate(path, start=1):    # one node per forward: a chain, rows 1, 2, 3
+            feed(q, [toks[x]], [level - 1], [level], level, L, st)
+        assert torch.allclose(st["out"][len(path)], state["out"][row], atol=1e-5), row
 
 
 def test_training_unroll_equals_inference_path():
@@ -178,17 +181,12 @@ def test_training_unroll_equals_inference_path():
         outs = ttt_unroll(d, ids, d.fuse_features([hidden[l] for l in (0, 1, 2)]), p.embed, steps=3)
     t = 4                                                    # context entries 0..t, root x_{t+1}
     tokens = ids[0, :t + 2].tolist()
-    p.reset(tokens)
-    p._ensure_capacity(64)
-    a = p.read_context(tokens, {l: hidden[l][0, :t + 1] for l in (0, 1, 2)})
-    assert torch.allclose(a[0], outs[0][0, t], atol=1e-5)
-    st = {"outputs": {-1: a[0]}, "anc": {-1: []}, "fed": 0}
+    st = fresh(p, tokens, {l: hidden[l][0, :t + 1] for l in (0, 1, 2)})
+    assert torch.allclose(st["out"][0], outs[0][0, t], atol=1e-5)
     L = t + 1
-    prev = -1
     for j in (1, 2):                                         # feed the true next tokens x_{t+2}, x_{t+3}
-        p.expand_nodes([j], [int(ids[0, t + j + 1])], [prev], j, L, st)
-        prev = j
-        assert torch.allclose(st["outputs"][j], outs[j][0, t], atol=1e-5), j
+        feed(p, [int(ids[0, t + j + 1])], [j - 1], [j], j, L, st)
+        assert torch.allclose(st["out"][j], outs[j][0, t], atol=1e-5), j
 
 
 def test_ttt_mask_example():
@@ -235,7 +233,7 @@ def test_sampled_tree_is_lossless():
     counts = Counter()
     trials = 3000
     for _ in range(trials):
-        t = dynamic_tree(q_logp, lambda nodes, tok, par, level: q_logp.expand(len(nodes), V), top_k=2, depth=2,
+        t = dynamic_tree(q_logp, lambda tok, par, level: q_logp.expand(len(tok), V), top_k=2, depth=2,
                          total_tokens=4, generator=gen, temperature_q=lambda lp: lp.exp())
         draft = Draft(t.tokens, t.parents, t.q, without_replacement=True)
         logits = torch.stack([p_root.log()] + [torch.tensor([0.25] * 4).log()] * len(t.tokens))

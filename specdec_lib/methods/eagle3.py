@@ -60,11 +60,15 @@ from ..sampling import probs_from_logits
 from ..tree import Draft, chain_inputs
 
 EOS = (151643, 151645)
-OPTIONS = {"ttt_steps", "layers", "width", "intermediate", "draft_vocab", "seed"}   # training options build() passes on
+OPTIONS = {"ttt_steps", "eval_steps", "layers", "width", "intermediate", "draft_vocab", "seed"}   # training options build() passes on
 # Tree shape per device: a CPU pays for every verified node (cost curve of chapter 1), an H200 barely.
 TREE_DEFAULTS = {"cpu": dict(top_k=4, depth=5, total_tokens=12), "cuda": dict(top_k=8, depth=6, total_tokens=48)}
 # The training command's sizes (train.train_method reads TRAIN_DEFAULTS[profile]).
-TRAIN_DEFAULTS = {"tiny": dict(lr=3e-3), "small": dict(lr=5e-4, warmup=30), "qwen7b": dict(lr=5e-4, warmup=30)}
+# small: 200 steps x 32 sequences x <= 768 tokens (~4M response tokens, ~2 passes over the data), sized
+# for ~3 minutes of one H200 with 5 unrolled steps (the n = 1 ablation costs ~60% of that).
+TRAIN_DEFAULTS = {"tiny": dict(lr=3e-3),
+                  "small": dict(steps=200, batch_size=32, max_len=768, lr=1e-3, warmup=20, eval_every=50, eval_batches=8),
+                  "qwen7b": dict(steps=400, batch_size=16, max_len=768, lr=1e-3, warmup=20, eval_every=100)}
 
 
 def default_layers(n_layers: int) -> tuple[int, int, int]:
@@ -284,7 +288,8 @@ def ttt_loss(drafter: Eagle3Drafter, ids, response_mask, hidden: dict, embed, lm
         label = _shift(greedy, j + 1, -1)[valid]
         N = int(valid.sum())
         if N:
-            l, c1, c5 = soft_cross_entropy(drafter.head_input(a[valid]), head, teacher_h.to(head.dtype), label)
+            h = drafter.head_input(a[valid])          # bf16 under CUDA autocast; the drafter's dtype on a CPU
+            l, c1, c5 = soft_cross_entropy(h, head.to(h.dtype), teacher_h.to(h.dtype), label)
             losses.append(l / N)
             c1, c5 = float(c1), float(c5)
         else:
@@ -300,24 +305,27 @@ class Eagle3Learner:
     """For specdec_lib.train: the drafter, the target layers it reads, and the TTT loss."""
     name = "eagle3"
 
-    def __init__(self, drafter: Eagle3Drafter, n_layers: int, ttt_steps: int):
-        if ttt_steps < 1:
-            raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
-        self.module, self.ttt_steps = drafter, ttt_steps
+    def __init__(self, drafter: Eagle3Drafter, n_layers: int, ttt_steps: int, eval_steps: int = 6):
+        if ttt_steps < 1 or eval_steps < 1:
+            raise ValueError(f"ttt_steps and eval_steps must be >= 1, got {ttt_steps}, {eval_steps}")
+        # held-out evaluation always unrolls eval_steps (the tree depth), whatever was trained: step-k
+        # accuracy of a drafter trained with n = 1 shows what training-time test is for
+        self.module, self.ttt_steps, self.eval_steps = drafter, ttt_steps, eval_steps
         self.hidden_layers = tuple(drafter.settings["layers"]) + (n_layers,)   # + the final layer: the labels
         self._t2d = None
 
     def loss(self, batch, teacher):
         if self._t2d is None or self._t2d.device != teacher.lm_head.device:
             self._t2d = target_to_draft(self.module.d2t.long().to(teacher.lm_head.device), teacher.lm_head.shape[0])
+        steps = self.ttt_steps if self.module.training else self.eval_steps
         return ttt_loss(self.module, batch.ids, batch.response_mask, teacher.hidden, teacher.embed,
-                        teacher.lm_head, self.ttt_steps, self._t2d)
+                        teacher.lm_head, steps, self._t2d)
 
     def header(self) -> dict:
-        return dict(self.module.settings, ttt_steps=self.ttt_steps)
+        return dict(self.module.settings, ttt_steps=self.ttt_steps, eval_steps=self.eval_steps)
 
 
-def learner(models, ttt_steps: int = 5, layers=None, width: int | None = None, intermediate: int | None = None,
+def learner(models, ttt_steps: int = 5, eval_steps: int = 6, layers=None, width: int | None = None, intermediate: int | None = None,
             draft_vocab: int | None | str = "auto", data=None, seed: int = 0) -> Eagle3Learner:
     """A fresh drafter for models.target. draft_vocab: size of the reduced vocabulary (the most frequent
     response tokens of the training split), None for the whole target vocabulary, "auto" for 32768
@@ -340,7 +348,7 @@ def learner(models, ttt_steps: int = 5, layers=None, width: int | None = None, i
             data = load_data(models)
         drafter.d2t.copy_(frequent_tokens(data.split("train"), V, vd).to(torch.int32))
     drafter.to(models.target.device)
-    return Eagle3Learner(drafter, c.num_hidden_layers, ttt_steps)
+    return Eagle3Learner(drafter, c.num_hidden_layers, ttt_steps, eval_steps)
 
 
 # ---------------------------------------------------------------- 4. the dynamic draft tree (EAGLE-2)
@@ -374,13 +382,14 @@ def dynamic_tree(root_logp: torch.Tensor, expand: Callable, top_k: int, depth: i
                  generator=None, temperature_q: Callable | None = None) -> Tree:
     """EAGLE-2's draft tree, from the drafter's next-token log-probabilities.
 
-    root_logp [Vd]: after the root. expand(nodes, tokens, parents, level) -> logp [F, Vd] of the F
-    nodes' children: it runs the drafter on those nodes of depth `level` (their indices, draft-vocab
-    tokens and parent indices, -1 = the root). Greedy: level 1 = the root's top_k tokens; then depth - 1
-    times: feed the top_k nodes of the newest level by score (cumulative log-probability) and give each
-    its top_k children; finally rerank every candidate by score and keep the best total_tokens.
-    Because a child's score never exceeds its parent's (and ties go to the shallower node), the kept
-    set contains every kept node's parent: it is a tree.
+    root_logp [Vd]: after the root. expand(tokens [F], parent_rank [F], level) -> logp [F, Vd]: runs the
+    drafter on F nodes of depth `level` (their draft-vocab tokens; each one's parent as its row in the
+    previous expand call, 0 = the root at level 1) and returns their children's log-probabilities.
+    Greedy: level 1 = the root's top_k tokens; then depth - 1 times: feed the top_k nodes of the newest
+    level by score (cumulative log-probability) and give each its top_k children; finally rerank every
+    candidate by score and keep the best total_tokens. A child's score never exceeds its parent's
+    (ties go to the shallower node), so the kept set holds every kept node's parent: it is a tree.
+    Everything stays on the drafter's device (no host sync until the caller reads the tree).
 
     Sampling (temperature_q maps logp rows to the q rows to draw from): children are drawn, and the
     tree is cut in creation order instead of reranked (see the module docstring).
@@ -393,10 +402,10 @@ def dynamic_tree(root_logp: torch.Tensor, expand: Callable, top_k: int, depth: i
         raise ValueError(f"need top_k, depth, total_tokens >= 1, got {top_k}, {depth}, {total_tokens}")
     sampling = temperature_q is not None
     dev = root_logp.device
-    logp = root_logp[None]                                    # [1, Vd] rows of the nodes being expanded
+    logp = root_logp[None]                                    # [F, Vd] rows of the nodes just expanded
     frontier = torch.tensor([-1], device=dev)                 # their node indices (-1: the root)
     front_score = torch.zeros(1, dtype=torch.float64, device=dev)
-    tokens, parents, scores, qs = [], [], [], []
+    tokens, parents, scores, depths, qs = [], [], [], [], []
     n = 0
     for level in range(1, depth + 1):
         k = min(top_k, logp.shape[-1])
@@ -406,6 +415,7 @@ def dynamic_tree(root_logp: torch.Tensor, expand: Callable, top_k: int, depth: i
         tokens.append(tok.reshape(-1))
         parents.append(frontier[:, None].expand(-1, k).reshape(-1))
         scores.append(child_score.reshape(-1))
+        depths.append(torch.full((tok.numel(),), float(level), dtype=torch.float64, device=dev))
         if sampling:
             qs.append(qrows.reshape(-1, qrows.shape[-1]))
         first = n
@@ -417,7 +427,7 @@ def dynamic_tree(root_logp: torch.Tensor, expand: Callable, top_k: int, depth: i
         best = best.sort().values                                           # keep creation order
         frontier = first + best
         front_score = child_score.reshape(-1)[best]
-        logp = expand(frontier, tokens[-1][best], parents[-1][best], level)
+        logp = expand(tokens[-1][best], torch.div(best, k, rounding_mode="floor"), level)
     tokens, parents, scores = torch.cat(tokens), torch.cat(parents), torch.cat(scores)
     q = torch.cat(qs) if sampling else None
     if sampling:
@@ -425,8 +435,7 @@ def dynamic_tree(root_logp: torch.Tensor, expand: Callable, top_k: int, depth: i
     else:
         # rerank; subtle: a child whose probability rounds to 1 ties with its parent: the depth
         # penalty (far below any real log-probability gap in float64) lets the parent win.
-        depth_of = _depths(parents)
-        keep = (scores - 1e-9 * depth_of).topk(min(total_tokens, n)).indices.sort().values
+        keep = (scores - 1e-9 * torch.cat(depths)).topk(min(total_tokens, n)).indices.sort().values
     # renumber parents into the kept list (a parent precedes its child, so it is already numbered)
     new_index = torch.full((n + 1,), -1, dtype=torch.long, device=dev)      # slot n stands for the root
     new_index[keep] = torch.arange(keep.numel(), device=dev)
@@ -434,19 +443,15 @@ def dynamic_tree(root_logp: torch.Tensor, expand: Callable, top_k: int, depth: i
     return Tree(tokens[keep], kept_parents, scores[keep], None if q is None else q[keep])
 
 
-def _depths(parents: torch.Tensor) -> torch.Tensor:
-    """Depth of every node (1 = child of the root), parents before children."""
-    d = torch.ones(parents.numel(), dtype=torch.float64, device=parents.device)
-    p = parents.tolist()
-    for i, pi in enumerate(p):
-        if pi >= 0:
-            d[i] = d[pi] + 1
-    return d
-
-
 # ---------------------------------------------------------------- 5. the proposer
 class Eagle3Proposer:
-    """Reads the target's new features, grows a dynamic tree with the drafter, proposes it."""
+    """Reads the target's new features, grows a dynamic tree with the drafter, proposes it.
+
+    The drafter's cache: committed entries at slots 0..L-1 (slot = position), then this step's tree
+    nodes. Tree nodes are numbered by *rows*: row 0 is the root entry (its output a_{L-1}), row r >= 1
+    the r-th node fed this step, in cache slot L + r - 1. Per row the proposer keeps, on the device,
+    the drafter output (`out`: the feature its children read) and which tree slots it may see (`anc`:
+    its ancestors and itself), so a level costs one drafter forward and no host sync."""
 
     def __init__(self, drafter: Eagle3Drafter, embed: torch.Tensor, lm_head: torch.Tensor, top_k: int = 8,
                  depth: int = 6, total_tokens: int = 48, name: str | None = None):
@@ -458,11 +463,11 @@ class Eagle3Proposer:
         self.target_vocab = lm_head.shape[0]
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
         self.hidden_layers = tuple(drafter.settings["layers"])
-        chain = top_k == 1
-        self.name = name or (f"eagle3(chain, depth={depth})" if chain else
+        self.name = name or (f"eagle3(chain, depth={depth})" if top_k == 1 else
                              f"eagle3(tree, N={total_tokens}, depth={depth}, k={top_k})")
         self.cache: KVCache | None = None
         self.length = 0                                          # committed entries in the drafter cache
+        self.max_rows = 1 + top_k * max(depth - 1, 0)            # root + every node that can be fed
         self.fed_per_step: list[int] = []
 
     def reset(self, prompt_ids) -> None:
@@ -493,6 +498,7 @@ class Eagle3Proposer:
         if start != self.length:
             raise ValueError(f"the drafter holds {self.length} entries but the target's new features start at "
                              f"{start}: call reset() when a request starts")
+        self._ensure_capacity(L + self.max_rows + 1)
         dev = self.head.device
         g = self.drafter.fuse_features([hidden[l][None].to(self.head.dtype) for l in self.hidden_layers])
         ids = torch.tensor(tokens[start + 1:L + 1], device=dev)
@@ -501,44 +507,50 @@ class Eagle3Proposer:
         self.length = L
         return a[0, -1:]
 
-    def expand_nodes(self, nodes: list[int], tokens: list[int], parents: list[int], level: int,
-                     L: int, state: dict) -> torch.Tensor:
-        """Feed tree nodes (all of one level) to the drafter; return their children's logp [F, Vd].
+    def new_rows(self, a_root: torch.Tensor) -> dict:
+        """Per-step row state: out [R, d] (row 0 = a_root), anc [R, R - 1] bool over the tree slots."""
+        R = self.max_rows
+        out = a_root.new_zeros(R, a_root.shape[-1])
+        out[0] = a_root[0]
+        return {"out": out, "anc": torch.zeros(R, R - 1, dtype=torch.bool, device=a_root.device)}
 
-        Node i reads its parent's output a (the root's: a_{L-1}) and its own token, sits at RoPE
-        position L + level - 1 and in cache slot L + (nodes fed before it), and sees the committed
-        entries [0, L) plus the slots of its fed ancestors and itself (tree attention)."""
-        dev = self.head.device
-        outputs, anc = state["outputs"], state["anc"]
-        S0 = L + state["fed"]
-        F_ = len(nodes)
-        feats = torch.stack([outputs[p] for p in parents])[None]                          # [1, F, d]
-        ids = self.d2t[torch.tensor(tokens, device=dev)][None]                            # [1, F] target ids
-        mask = torch.zeros(F_, S0 + F_, dtype=torch.bool, device=dev)
-        mask[:, :L] = True
-        for r, (i, p) in enumerate(zip(nodes, parents)):
-            anc[i] = anc[p] + [S0 + r]
-            mask[r, anc[i]] = True
-        pos = torch.full((1, F_), L + level - 1, device=dev)
-        slots = torch.arange(S0, S0 + F_, device=dev)
-        a = self.drafter(feats, self.embed[ids], pos, self.cache.k[0], self.cache.v[0], slots, mask)[0]
-        state["fed"] += F_
-        for r, i in enumerate(nodes):
-            outputs[i] = a[r]
+    def feed(self, tokens: torch.Tensor, parent_rows: torch.Tensor, rows: torch.Tensor, level: int, L: int,
+             state: dict) -> torch.Tensor:
+        """Run the drafter on tree nodes of depth `level`; return their children's logp [F, Vd].
+
+        tokens [F] draft-vocab ids; parent_rows [F] (0 = the root); rows [F] their own rows (>= 1).
+        Node reads its parent's output and its own token, sits at RoPE position L + level - 1 and in
+        cache slot L + row - 1, and sees the committed entries [0, L) plus its ancestors and itself."""
+        out, anc = state["out"], state["anc"]
+        Fn = tokens.shape[0]
+        own = torch.zeros(Fn, anc.shape[1], dtype=torch.bool, device=anc.device)
+        own[torch.arange(Fn, device=anc.device), rows - 1] = True
+        anc[rows] = anc[parent_rows] | own                                  # tree attention rows
+        S = L + int(anc.shape[1])
+        mask = torch.cat([torch.ones(Fn, L, dtype=torch.bool, device=anc.device), anc[rows]], dim=1)[:, :S]
+        pos = torch.full((1, Fn), L + level - 1, device=anc.device)
+        a = self.drafter(out[parent_rows][None], self.embed[self.d2t[tokens]][None], pos,
+                         self.cache.k[0], self.cache.v[0], L + rows - 1, mask)[0]
+        out[rows] = a
         return self.logp(a)
 
     @torch.inference_mode()
     def propose(self, ctx) -> Draft:
         tokens, L = ctx.tokens, len(ctx.tokens) - 1
-        self._ensure_capacity(L + self.top_k * self.depth + 1)
         a_root = self.read_context(tokens, ctx.hidden)
         budget = min(self.total_tokens, ctx.max_draft)
         if a_root is None or budget < 1:
             return Draft.empty()
-        state = {"outputs": {-1: a_root[0]}, "anc": {-1: []}, "fed": 0}
+        state = self.new_rows(a_root)
+        K, dev = self.top_k, a_root.device
+        fed = []
 
-        def expand(nodes, node_tokens, node_parents, level):
-            return self.expand_nodes(nodes.tolist(), node_tokens.tolist(), node_parents.tolist(), level, L, state)
+        def expand(node_tokens, parent_rank, level):
+            # level-l nodes get rows 1 + (l-1)K ..; their parents were fed at level l-1 (the root at level 1)
+            rows = 1 + (level - 1) * K + torch.arange(node_tokens.shape[0], device=dev)
+            parent_rows = parent_rank * 0 if level == 1 else 1 + (level - 2) * K + parent_rank
+            fed.append(node_tokens.shape[0])
+            return self.feed(node_tokens, parent_rows, rows, level, L, state)
 
         q_fn = None
         if not ctx.params.greedy:
@@ -547,8 +559,8 @@ class Eagle3Proposer:
                 # that k draws without replacement always exist (q is what is reported, so still exact)
                 q = probs_from_logits(logp, ctx.params)
                 return (1 - 1e-6) * q + 1e-6 / q.shape[-1]
-        tree = dynamic_tree(self.logp(a_root)[0], expand, self.top_k, self.depth, budget, ctx.generator, q_fn)
-        self.fed_per_step.append(state["fed"])
+        tree = dynamic_tree(self.logp(a_root)[0], expand, K, self.depth, budget, ctx.generator, q_fn)
+        self.fed_per_step.append(sum(fed))
         q = None
         if tree.q is not None:
             q = torch.zeros(len(tree.tokens), self.target_vocab, device=tree.q.device)
@@ -561,6 +573,7 @@ def load_drafter(path, models) -> Eagle3Drafter:
     from ..checkpoint import load_checkpoint, read_header
     cfg = dict(read_header(path)["config"])
     cfg.pop("ttt_steps", None)
+    cfg.pop("eval_steps", None)
     drafter = Eagle3Drafter(**cfg)
     load_checkpoint(path, drafter, method="eagle3", base_model=models.target)
     return drafter.to(device=models.target.device, dtype=models.target.dtype).eval()
