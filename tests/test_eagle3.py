@@ -189,6 +189,21 @@ def test_training_unroll_equals_inference_path():
         assert torch.allclose(st["out"][j], outs[j][0, t], atol=1e-5), j
 
 
+def test_tree_growth_with_L_on_the_device():
+    """The graph-captured path (L a device tensor, static shapes) grows the same tree as plain ints."""
+    d = small_drafter()
+    p = make_proposer_from(d, top_k=3, depth=4, total_tokens=10)
+    tokens = list(range(3, 12))
+    hidden = {l: torch.randn(len(tokens) - 1, 32) for l in (0, 1, 2)}
+    p.reset(tokens)
+    a = p.read_context(tokens, hidden)
+    L = len(tokens) - 1
+    t1 = p.grow(a, L, 10)
+    t2 = p.grow(a, torch.tensor(L), 10)
+    assert torch.equal(t1.tokens, t2.tokens) and torch.equal(t1.parents, t2.parents)
+    assert len(t1.tokens) == 10
+
+
 def test_ttt_mask_example():
     assert ttt_mask(3, 1).int().tolist() == [[1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 1]]
 

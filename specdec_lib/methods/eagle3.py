@@ -403,7 +403,7 @@ def dynamic_tree(root_logp: torch.Tensor, expand: Callable, top_k: int, depth: i
     sampling = temperature_q is not None
     dev = root_logp.device
     logp = root_logp[None]                                    # [F, Vd] rows of the nodes just expanded
-    frontier = torch.tensor([-1], device=dev)                 # their node indices (-1: the root)
+    frontier = torch.full((1,), -1, device=dev)               # their node indices (-1: the root)
     front_score = torch.zeros(1, dtype=torch.float64, device=dev)
     tokens, parents, scores, depths, qs = [], [], [], [], []
     n = 0
@@ -454,7 +454,7 @@ class Eagle3Proposer:
     its ancestors and itself), so a level costs one drafter forward and no host sync."""
 
     def __init__(self, drafter: Eagle3Drafter, embed: torch.Tensor, lm_head: torch.Tensor, top_k: int = 8,
-                 depth: int = 6, total_tokens: int = 48, name: str | None = None):
+                 depth: int = 6, total_tokens: int = 48, name: str | None = None, graph: bool = True):
         if top_k < 1 or depth < 1 or total_tokens < 1:
             raise ValueError(f"need top_k, depth, total_tokens >= 1, got {top_k}, {depth}, {total_tokens}")
         self.drafter, self.embed = drafter.eval(), embed
@@ -469,6 +469,8 @@ class Eagle3Proposer:
         self.length = 0                                          # committed entries in the drafter cache
         self.max_rows = 1 + top_k * max(depth - 1, 0)            # root + every node that can be fed
         self.fed_per_step: list[int] = []
+        # greedy tree growth replayed from one CUDA graph on a GPU (see TreeGraph); None: always eager
+        self.graph = TreeGraph() if graph and drafter.d2t.is_cuda else None
 
     def reset(self, prompt_ids) -> None:
         self.length, self.fed_per_step = 0, []
@@ -477,7 +479,8 @@ class Eagle3Proposer:
         if self.cache is not None and n <= self.cache.max_len:
             return
         p = next(self.drafter.parameters())
-        new = self.drafter.new_cache(max(2 * n, 256), p.device, p.dtype)
+        # a captured graph holds the cache's address: start big on a GPU so it is rarely reallocated
+        new = self.drafter.new_cache(max(2 * n, 4096 if self.graph is not None else 256), p.device, p.dtype)
         if self.cache is not None and self.length:
             new.k[:, :, :, :self.length] = self.cache.k[:, :, :, :self.length]
             new.v[:, :, :, :self.length] = self.cache.v[:, :, :, :self.length]
@@ -514,25 +517,39 @@ class Eagle3Proposer:
         out[0] = a_root[0]
         return {"out": out, "anc": torch.zeros(R, R - 1, dtype=torch.bool, device=a_root.device)}
 
-    def feed(self, tokens: torch.Tensor, parent_rows: torch.Tensor, rows: torch.Tensor, level: int, L: int,
+    def feed(self, tokens: torch.Tensor, parent_rows: torch.Tensor, rows: torch.Tensor, level: int, L,
              state: dict) -> torch.Tensor:
         """Run the drafter on tree nodes of depth `level`; return their children's logp [F, Vd].
 
-        tokens [F] draft-vocab ids; parent_rows [F] (0 = the root); rows [F] their own rows (>= 1).
+        tokens [F] draft-vocab ids; parent_rows [F] (0 = the root); rows [F] their own rows (>= 1);
+        L: committed entries (an int, or a 0-d tensor on the device: then nothing here reads the host).
         Node reads its parent's output and its own token, sits at RoPE position L + level - 1 and in
-        cache slot L + row - 1, and sees the committed entries [0, L) plus its ancestors and itself."""
+        cache slot L + row - 1, and sees the committed entries [0, L) plus its ancestors and itself.
+        The mask spans the whole cache (static shape): columns past the tree are never visible."""
         out, anc = state["out"], state["anc"]
-        Fn = tokens.shape[0]
-        own = torch.zeros(Fn, anc.shape[1], dtype=torch.bool, device=anc.device)
-        own[torch.arange(Fn, device=anc.device), rows - 1] = True
+        dev = anc.device
+        Fn, W = tokens.shape[0], self.cache.max_len
+        own = F.one_hot(rows - 1, anc.shape[1]).bool()                     # [F, R - 1] its own slot
         anc[rows] = anc[parent_rows] | own                                  # tree attention rows
-        S = L + int(anc.shape[1])
-        mask = torch.cat([torch.ones(Fn, L, dtype=torch.bool, device=anc.device), anc[rows]], dim=1)[:, :S]
-        pos = torch.full((1, Fn), L + level - 1, device=anc.device)
+        mask = (torch.arange(W, device=dev) < L)[None].repeat(Fn, 1)      # the committed entries
+        mask[:, L + torch.arange(anc.shape[1], device=dev)] = anc[rows]      # + ancestors and itself
+        pos = (L + level - 1 + torch.zeros(1, Fn, dtype=torch.long, device=dev))
         a = self.drafter(out[parent_rows][None], self.embed[self.d2t[tokens]][None], pos,
                          self.cache.k[0], self.cache.v[0], L + rows - 1, mask)[0]
         out[rows] = a
         return self.logp(a)
+
+    def grow(self, a_root: torch.Tensor, L, budget: int, generator=None, q_fn=None) -> Tree:
+        """The dynamic tree after the root entry's output a_root [1, d] (L: int or 0-d device tensor)."""
+        state = self.new_rows(a_root)
+        K, dev = self.top_k, a_root.device
+
+        def expand(node_tokens, parent_rank, level):
+            # level-l nodes get rows 1 + (l-1)K ..; their parents were fed at level l-1 (the root at level 1)
+            rows = 1 + (level - 1) * K + torch.arange(node_tokens.shape[0], device=dev)
+            parent_rows = parent_rank * 0 if level == 1 else 1 + (level - 2) * K + parent_rank
+            return self.feed(node_tokens, parent_rows, rows, level, L, state)
+        return dynamic_tree(self.logp(a_root)[0], expand, K, self.depth, budget, generator, q_fn)
 
     @torch.inference_mode()
     def propose(self, ctx) -> Draft:
@@ -541,17 +558,11 @@ class Eagle3Proposer:
         budget = min(self.total_tokens, ctx.max_draft)
         if a_root is None or budget < 1:
             return Draft.empty()
-        state = self.new_rows(a_root)
-        K, dev = self.top_k, a_root.device
-        fed = []
-
-        def expand(node_tokens, parent_rank, level):
-            # level-l nodes get rows 1 + (l-1)K ..; their parents were fed at level l-1 (the root at level 1)
-            rows = 1 + (level - 1) * K + torch.arange(node_tokens.shape[0], device=dev)
-            parent_rows = parent_rank * 0 if level == 1 else 1 + (level - 2) * K + parent_rank
-            fed.append(node_tokens.shape[0])
-            return self.feed(node_tokens, parent_rows, rows, level, L, state)
-
+        self.fed_per_step.append(self.top_k * (self.depth - 1))
+        if ctx.params.greedy and self.graph is not None:
+            tree = self.graph(self, a_root, L)
+            if tree is not None:           # None: the graph could not be used (capture failed, cache grew)
+                return Draft(self.d2t[tree.tokens].cpu(), tree.parents.cpu()).truncate(budget)
         q_fn = None
         if not ctx.params.greedy:
             def q_fn(logp):
@@ -559,13 +570,55 @@ class Eagle3Proposer:
                 # that k draws without replacement always exist (q is what is reported, so still exact)
                 q = probs_from_logits(logp, ctx.params)
                 return (1 - 1e-6) * q + 1e-6 / q.shape[-1]
-        tree = dynamic_tree(self.logp(a_root)[0], expand, K, self.depth, budget, ctx.generator, q_fn)
-        self.fed_per_step.append(sum(fed))
+        tree = self.grow(a_root, L, budget, ctx.generator, q_fn)
         q = None
         if tree.q is not None:
             q = torch.zeros(len(tree.tokens), self.target_vocab, device=tree.q.device)
             q[:, self.d2t] = tree.q
         return Draft(self.d2t[tree.tokens].cpu(), tree.parents.cpu(), q, without_replacement=q is not None)
+
+
+class TreeGraph:
+    """The greedy tree growth (depth - 1 drafter forwards, top-k, rerank) recorded once as a CUDA graph.
+
+    At batch 1 each of the few hundred small kernels of a tree growth costs more to launch from Python
+    than to run; a graph replays them all with one call. Shapes are static (top_k rows per level, the
+    mask spans the whole drafter cache, L lives in a device tensor), so one capture serves every step.
+    Captured at the first greedy step (with that step's real inputs, so warm-up writes land in tree
+    slots), and re-captured if the drafter cache is reallocated. Any failure falls back to eager.
+    """
+
+    def __init__(self):
+        self.graph, self.cache_id, self.failed = None, None, False
+
+    def __call__(self, proposer, a_root: torch.Tensor, L: int):
+        if self.failed:
+            return None
+        if self.graph is None or self.cache_id != id(proposer.cache.k):
+            try:
+                self._capture(proposer, a_root, L)
+            except Exception as e:                                   # noqa: BLE001 - any capture problem
+                import warnings
+                warnings.warn(f"eagle3: CUDA graph capture failed ({e}); growing trees eagerly")
+                self.failed = True
+                return None
+        self.a_root.copy_(a_root)
+        self.L.fill_(L)
+        self.graph.replay()
+        return self.tree
+
+    def _capture(self, proposer, a_root, L):
+        self.a_root, self.L = a_root.clone(), torch.full((), L, dtype=torch.long, device=a_root.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):                                       # warm-up: kernels chosen, memory allocated
+                proposer.grow(self.a_root, self.L, proposer.total_tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.tree = proposer.grow(self.a_root, self.L, proposer.total_tokens)
+        self.cache_id = id(proposer.cache.k)
 
 
 def load_drafter(path, models) -> Eagle3Drafter:
