@@ -633,12 +633,14 @@ def load_drafter(path, models) -> Eagle3Drafter:
 
 
 def build(models=None, checkpoint=None, top_k: int | None = None, depth: int | None = None,
-          total_tokens: int | None = None, chain: bool = False, name: str | None = None, **train_options):
+          total_tokens: int | None = None, chain: bool = False, name: str | None = None, graph: bool = True,
+          **train_options):
     """make_proposer("eagle3", models, total_tokens=12, depth=5): the dynamic-tree proposer.
 
     chain=True: the chain variant (top_k 1: one token per level, `depth` tokens). Tree sizes default to
     TREE_DEFAULTS of the target's device. checkpoint: default checkpoint_path("eagle3", profile) (under
-    `tiny` one is trained in seconds; train_options such as ttt_steps=1 pick which)."""
+    `tiny` one is trained in seconds; train_options such as ttt_steps=1 pick which). graph: on a GPU, replay
+    the greedy tree growth from a CUDA graph (TreeGraph); False keeps it eager."""
     if models is None:
         raise ValueError("eagle3 needs models (from load_profile): it reads the target's features")
     from ..checkpoint import ensure_checkpoint
@@ -650,4 +652,5 @@ def build(models=None, checkpoint=None, top_k: int | None = None, depth: int | N
         top_k, total_tokens = 1, depth
     top_k, total_tokens = top_k or d["top_k"], total_tokens or d["total_tokens"]
     t = models.target
-    return Eagle3Proposer(drafter, t.model.embed_tokens.weight, t.lm_head.weight, top_k, depth, total_tokens, name)
+    return Eagle3Proposer(drafter, t.model.embed_tokens.weight, t.lm_head.weight, top_k, depth, total_tokens, name,
+                          graph)
