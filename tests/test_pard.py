@@ -308,3 +308,21 @@ def test_through_a_graph_runner_as_bench_live_runs_it(tiny_target, tiny_draft, t
         for p in tiny_prompts:
             ref = generate(tiny_target, base, p, MAX_NEW).tokens
             assert generate(tiny_target, prop, p, MAX_NEW).tokens == ref, (k, len(p))
+
+
+def test_checkpoint_belongs_to_the_draft():
+    """The tiny checkpoint (trained in seconds, cached) loads for the draft it was trained on, stores only
+    the adapter, and is refused for another base model (e.g. the target)."""
+    from types import SimpleNamespace
+    from safetensors import safe_open
+    from specdec_lib.checkpoint import CheckpointMismatch, ensure_checkpoint
+    from specdec_lib.models import load_profile
+    models = load_profile("tiny")
+    path = ensure_checkpoint("pard", models)
+    adapter, header = pard.load_adapter(models, path)
+    assert header["method"] == "pard" and header["config"]["max_depth"] == adapter.max_depth
+    with safe_open(str(path), "pt") as f:
+        assert all(k.startswith(("layers.", "mask_rows")) for k in f.keys())      # the change only
+    wrong = SimpleNamespace(draft=models.target, target=models.target, profile="tiny")
+    with pytest.raises(CheckpointMismatch, match="another base model"):
+        pard.load_adapter(wrong, path)
