@@ -204,10 +204,20 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     if on_gpu:
         draft_chain.capture()
     # 2. proposers first: their hidden layers decide what the target's graphs return
+    drafters = {}      # PARD: one merged drafter (adapter folded into the 0.5B) in its own graphs, shared by every k
+
     def build(name, options):
         if name == "draft_model":
             return make_proposer(name, models, draft=GraphDraft(draft_runner),
                                  target_vocab=target.config.vocab_size, **options)
+        if name == "pard" and "checkpoint" not in options:
+            if "pard" not in drafters:
+                from .methods.pard import load_drafter
+                merged, mask_ids, _ = load_drafter(models)
+                pard_runner = GraphRunner(merged, max_len + 16, buckets=[b for b in buckets if b <= 32],
+                                          compile=on_gpu, fused=on_gpu).capture()
+                drafters["pard"] = (GraphDraft(pard_runner), mask_ids)
+            return make_proposer(name, models, drafter=drafters["pard"], **options)
         return make_proposer(name, models, **options)
 
     errors = {}        # label -> the error that dropped it (one failing method must not sink the lease)
