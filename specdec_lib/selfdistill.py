@@ -302,7 +302,7 @@ def build_data(models, n_magpie: int = 4096, max_new: int = 384, max_prompt: int
     magpie_texts, counts = [], dict(generated=0, kept=0)
     if n_magpie:
         prefix = magpie_prefix(tok)
-        raw = generate_all(target, [prefix] * n_magpie, 128, 1.0, seed, batch_size, "magpie prompts", progress)
+        raw = generate_all(target, [prefix] * n_magpie, 160, 1.0, seed, batch_size, "magpie prompts", progress)
         magpie_texts, counts = filter_magpie(raw, tok)
         bad = set(overlapping(magpie_texts, evals))
         counts["overlap_eval"] = len(bad)

@@ -82,6 +82,7 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 0
     log_every: int = 10
+    time_budget_s: float | None = None   # wall-clock cap: after 10 steps, fewer steps if they would not fit
 
 
 # ---------------------------------------------------------------- data -> batches
@@ -240,8 +241,19 @@ def train(learner, target, data, cfg: TrainConfig, log_path=None, progress: bool
     it = batches(train_seqs, cfg.batch_size, cfg.max_len, cfg.seed)
     tokens, t0, dev = 0, time.perf_counter(), target.device
     learner.module.train()
-    bar = tqdm(range(cfg.steps), desc=f"train {learner.name}", disable=not progress)
-    for step in bar:
+    bar = tqdm(total=cfg.steps, desc=f"train {learner.name}", disable=not progress)
+    for step in range(cfg.steps):
+        if step == cfg.steps:   # (the step count may shrink, below)
+            break
+        if step == 10 and cfg.time_budget_s:
+            # Measured speed so far (evals included) -> the steps that fit the budget, keeping a full cosine
+            # schedule (warmup + decay over the new count) rather than cutting it off mid-way.
+            per_step = (time.perf_counter() - t0) / 10
+            fit = int(10 + (cfg.time_budget_s * 0.85 - (time.perf_counter() - t0)) / per_step)
+            if fit < cfg.steps:
+                log["steps_planned"], cfg.steps = cfg.steps, max(fit, 11)
+                log["config"]["steps"] = cfg.steps
+                bar.total = cfg.steps
         if step % cfg.eval_every == 0 or step == cfg.steps - 1:
             ev = evaluate(learner, target, held, cfg)
             log["evals"].append(dict(step=step, tokens=tokens, wall_s=time.perf_counter() - t0, **ev))
@@ -258,11 +270,13 @@ def train(learner, target, data, cfg: TrainConfig, log_path=None, progress: bool
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         tokens += int(b.response_mask.sum())
+        bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             row = dict(step=step, loss=float(loss.detach()), lr=lr_at(step, cfg), grad_norm=float(grad_norm), tokens=tokens,
                        wall_s=time.perf_counter() - t0, **{k: v for k, v in m.items() if k in ("acc", "top5")})
             log["steps"].append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
+    bar.close()
     ev = evaluate(learner, target, held, cfg, n_batches=cfg.eval_batches * 2)
     log["final"] = dict(step=cfg.steps, tokens=tokens, wall_s=time.perf_counter() - t0, **ev)
     if log_path:
@@ -299,7 +313,7 @@ def train_method(method: str, models, data=None, out=None, log_path=None, int8: 
     if out is not None:
         base = getattr(learner, "base_model", models.target)
         save_checkpoint(out, learner.module, method=method, base_model=base, config=learner.header(),
-                        data_sha256=data.manifest.get("sha256"), steps=cfg.steps,
+                        data_sha256=data.manifest.get("sha256"), steps=log["config"]["steps"],
                         int8=(models.profile != "tiny") if int8 is None else int8,
                         extra=dict(heldout=log["final"], base_model_name=(
                             models.draft_name if base is models.draft else models.target_name)))
@@ -315,7 +329,7 @@ def main(argv=None):
     ap.add_argument("--log", default=None, help="JSON log (default chapters/results/<chapter>/train_<method>_<profile>.json)")
     ap.add_argument("--bf16-weights", action="store_true", help="store bf16 instead of int8 with row scales")
     for name, typ in (("steps", int), ("batch-size", int), ("max-len", int), ("lr", float), ("warmup", int),
-                      ("eval-every", int), ("seed", int)):
+                      ("eval-every", int), ("seed", int), ("time-budget-s", float)):
         ap.add_argument(f"--{name}", type=typ, default=None)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="method option, e.g. --option heads=4 (value parsed as JSON when possible)")
@@ -330,7 +344,8 @@ def main(argv=None):
             options[k] = json.loads(v)
         except json.JSONDecodeError:
             options[k] = v
-    config = {k: getattr(a, k) for k in ("steps", "batch_size", "max_len", "lr", "warmup", "eval_every", "seed")
+    config = {k: getattr(a, k) for k in ("steps", "batch_size", "max_len", "lr", "warmup", "eval_every", "seed",
+                                         "time_budget_s")
               if getattr(a, k) is not None}
     models = load_profile(a.profile)
     data = load_data(models, a.data)
