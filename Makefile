@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip -q --disable-pip-version-check
 STAMP   := .venv/.installed
 
-.PHONY: venv book test test-lib test-notebooks models clean
+.PHONY: venv book check-book test test-lib test-notebooks test-book models clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -25,6 +25,16 @@ test-lib: venv
 # every chapter under the tiny profile; only cells marked NBVAL_CHECK_OUTPUT compare outputs
 test-notebooks: venv
 	SPECDEC_PROFILE=tiny $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider chapters -q
+
+# the built book as a reader meets it: no absolute paths, tracebacks, progress bars, empty widget
+# cells or broken links (tools/check_book.py); a few seconds
+test-book: book
+	$(PY) tools/check_book.py _build/html
+
+# the same, plus headless-Chromium screenshots of every chapter page in _build/screenshots
+# (Debian: apt-get install -y chromium); look at them before publishing
+check-book: book
+	$(PY) tools/check_book.py _build/html --screenshots _build/screenshots
 
 models: venv
 	$(PY) -m specdec_lib.models fetch

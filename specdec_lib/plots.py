@@ -144,6 +144,9 @@ def plot_sweep(summaries: list[dict], x: str = "draft_len", category: str | None
     if throughput == "speedup":
         bottom.axhline(1.0, color="0.4", lw=0.8, ls=":")
     bottom.set_xlabel(LABELS.get(x, x))
+    if all(isinstance(r.get(x), int) for r in rows if r.get(x) is not None):
+        from matplotlib.ticker import MaxNLocator
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_title(title or f"acceptance and throughput against {LABELS.get(x, x)}")
     _legend_below(fig, [top])
     return fig

@@ -1,0 +1,86 @@
+"""tools/clean_notebooks.py and tools/check_book.py on tiny synthetic notebooks and pages."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+clean_nb = _tool("clean_notebooks")
+check_book = _tool("check_book")
+BOOT = clean_nb.bootstrap_cell("https://example.org/course", "main")
+
+
+def _code(src, outputs=(), tags=None):
+    meta = {"tags": tags} if tags else {"execution": {"iopub.status.busy": "x"}}
+    return {"cell_type": "code", "execution_count": 1, "metadata": meta, "outputs": list(outputs), "source": src}
+
+
+def _nb(cells):
+    return {"cells": cells, "metadata": {"kernelspec": {"name": "python3"}, "widgets": {}}, "nbformat": 4,
+            "nbformat_minor": 5}
+
+
+FIG = {"output_type": "display_data", "data": {"image/png": "iVBOR", "text/plain": "<Figure>"}, "metadata": {}}
+BAR = {"output_type": "display_data", "data": {"text/plain": "cost curve:  43%|####3     | 3/7 [00:01<00:02]"},
+       "metadata": {}}
+
+
+def test_clean_fixes_what_it_can():
+    nb = _nb([_code("import x"), _code("# NBVAL_CHECK_OUTPUT\nprint(1)", [BAR]),
+              _code("plot()", [FIG]), _code("explore(rows);")])
+    out = clean_nb.clean(nb, BOOT)
+    cells = out["cells"]
+    assert cells[0]["source"] == BOOT                       # the install cell, inserted
+    assert cells[2]["metadata"]["tags"] == ["nbval-check-output"] and "NBVAL" not in cells[2]["source"]
+    assert cells[2]["outputs"] == []                        # the frozen progress bar is gone
+    assert cells[4]["metadata"]["tags"] == ["widget"]
+    assert clean_nb.problems(out, BOOT) == []
+
+
+def test_check_rejects_what_cleaning_cannot_fix():
+    path_out = {"output_type": "stream", "name": "stdout", "text": "reading /home/alice/course/x.json\n"}
+    err = {"output_type": "error", "ename": "ValueError", "evalue": "x", "traceback": ["Traceback ..."]}
+    nb = _nb([_code(BOOT), _code("print(OUT)", [path_out]), _code("boom()", [err]),
+              _code("explore(rows);", tags=["widget"])])
+    found = " | ".join(clean_nb.problems(nb, BOOT))
+    assert "absolute path '/home/alice" in found
+    assert "error output" in found
+    assert "no static figure" in found
+    wrong_url = _nb([_code(clean_nb.bootstrap_cell("https://elsewhere.org/x", "main"))])
+    assert "install cell" in " ".join(clean_nb.problems(wrong_url, BOOT))
+
+
+def _page(cells_html):
+    return ("<html><body><a href=\"other.html#there\">x</a>"
+            + "".join(f'<div class="cell{cls} docutils container">{body}</div>' for cls, body in cells_html)
+            + "</body></html>")
+
+
+def test_check_book_pages(tmp_path):
+    (tmp_path / "index.html").write_text("<html><body>home</body></html>")
+    ch = tmp_path / "chapters"
+    ch.mkdir()
+    (ch / "other.html").write_text('<html><body><span id="there"></span></body></html>')
+    good = _page([("", '<div class="cell_input">plot()</div><div class="cell_output"><img src="x.png"></div>'),
+                  (" tag_widget", '<div class="cell_input">explore(rows)</div>'
+                                  '<div class="cell_output">Live controls: ...</div>')])
+    (ch / "x.png").write_bytes(b"png")
+    (ch / "good.html").write_text(good)
+    assert check_book.check_page(ch / "good.html", tmp_path, {}) == []
+    bad = _page([("", '<div class="cell_input">x</div><div class="cell_output">'
+                      'Traceback (most recent call last) at /work/main/x.py 45%|####  | 3/7</div>'),
+                 (" tag_widget", '<div class="cell_input">explore(rows)</div>')]).replace("#there", "#gone")
+    (ch / "bad.html").write_text(bad)
+    found = " | ".join(check_book.check_page(ch / "bad.html", tmp_path, {}))
+    for what in ("absolute path", "Traceback", "progress-bar", "no static figure", "shows nothing",
+                 "missing anchor"):
+        assert what in found, what
