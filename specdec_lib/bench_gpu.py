@@ -244,6 +244,7 @@ def curves_main(argv=None):
     from .kernels import tuned_configs
     prov = {"machine": machine_name("cuda"), "dtype": "bfloat16", "device": "cuda", "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    peaks = {}
     for n in names:
         t0 = time.time()
         model = timing_model(configs[n])
@@ -251,6 +252,7 @@ def curves_main(argv=None):
         torch.cuda.reset_peak_memory_stats()
         curve = cost_curve(model)
         peak = torch.cuda.max_memory_allocated()
+        peaks[{"7b": "7b_shapes", "1.5b": "small_target", "0.5b": "small_draft"}[n]] = {"peak_memory_bytes": peak}
         stored = OUT / f"{STORED[n]}.json"
         old = json.loads(stored.read_text())["time_s"] if stored.exists() else None
         curve.update(prov, model=f"Qwen2.5-{n.upper()} shapes, random weights (timing only)", profile="h200",
@@ -266,6 +268,12 @@ def curves_main(argv=None):
         print(f"  projections that picked swap-AB: {len(swapped)} of {len(tuned_configs())}: {swapped}")
         del model
         torch.cuda.empty_cache()
+    memory = profile_memory(peaks)
+    for name, m in memory.items():
+        print(f"{name}: peak {m['peak_memory_bytes'] / 2**30:.1f} GiB (+{CONTEXT_GIB} GiB CUDA context) fits: "
+              f"{', '.join(m['fits']) or 'none of the listed GPUs'}")
+    if memory:
+        write_json(Path(a.out) / f"h200_memory{a.tag}.json", dict(prov, profiles=memory, note=profile_memory.__doc__))
 
 
 def main(argv=None):
