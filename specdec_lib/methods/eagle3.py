@@ -529,7 +529,8 @@ class Eagle3Proposer:
         out, anc = state["out"], state["anc"]
         dev = anc.device
         Fn, W = tokens.shape[0], self.cache.max_len
-        own = F.one_hot(rows - 1, anc.shape[1]).bool()                     # [F, R - 1] its own slot
+        # [F, R - 1] its own slot (a comparison, not one_hot: that may check its input on the host)
+        own = torch.arange(anc.shape[1], device=dev)[None] == (rows - 1)[:, None]
         anc[rows] = anc[parent_rows] | own                                  # tree attention rows
         mask = (torch.arange(W, device=dev) < L)[None].repeat(Fn, 1)      # the committed entries
         mask[:, L + torch.arange(anc.shape[1], device=dev)] = anc[rows]      # + ancestors and itself
