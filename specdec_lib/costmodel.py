@@ -61,6 +61,27 @@ def expected_tokens_from_positions(per_position) -> float:
     return total
 
 
+def expected_tokens_over_depths(a, depth_counts: dict) -> float:
+    """E[tokens per step] when drafts differ in depth (n-gram drafts are empty without a match,
+    suffix trees vary): the average over steps of E for each step's depth d.
+
+    a: the per-position acceptance (a float: independent positions) or the measured per-position
+    rates [a_1, a_2, ...] (product form, expected_tokens_from_positions). depth_counts:
+    {depth: steps} (metrics.position_acceptance(...)["depth_counts"]; JSON string keys are fine).
+    Example: a = 0.5, half the steps depth 0 and half depth 2 -> (1 + 1.75) / 2 = 1.375.
+    """
+    total = sum(depth_counts.values())
+    if not total:
+        return 1.0
+    out = 0.0
+    for d, n in depth_counts.items():
+        d = int(d)
+        e = expected_tokens_from_positions(a[:d]) if isinstance(a, (list, tuple)) else \
+            expected_tokens_per_step(a, d)
+        out += n * e
+    return out / total
+
+
 def load_cost_curve(name: str, folder: Path = CURVES_DIR) -> dict:
     """A stored curve, e.g. 'cpu_small_target' or 'h200_7b_shapes_target'."""
     path = Path(folder) / f"{name}.json"

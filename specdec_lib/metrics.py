@@ -146,10 +146,14 @@ def position_acceptance(steps) -> dict:
             accepted[i] += i < k           # ... and accepted when k > i
     n_tried, n_acc = sum(tried), sum(accepted)
     n_prop = sum(p for p, _, _ in counts)
+    depth_counts: dict[int, int] = {}
+    for _, _, d in counts:
+        depth_counts[d] = depth_counts.get(d, 0) + 1
     return {"a": n_acc / n_tried if n_tried else 0.0,
             "accepted_over_proposed": n_acc / n_prop if n_prop else 0.0,
             "per_position": [a / t if t else None for a, t in zip(accepted, tried)],
-            "tried": tried, "accepted": accepted, "steps": len(counts)}
+            "tried": tried, "accepted": accepted, "steps": len(counts),
+            "depth_counts": dict(sorted(depth_counts.items()))}   # {draft depth: steps}
 
 
 def _wall_and_tokens(r) -> tuple[float, int]:

@@ -83,3 +83,17 @@ def test_speedup_spread():
     assert s["speedup"] == pytest.approx(2 / 2.05)
     with pytest.raises(ValueError, match="paired"):
         speedup_spread([1.0], [1.0, 2.0])
+
+
+def test_drafts_of_different_depths():
+    from specdec_lib.costmodel import expected_tokens_over_depths
+    assert expected_tokens_over_depths(0.5, {0: 1, 2: 1}) == pytest.approx((1 + 1.75) / 2)
+    assert expected_tokens_over_depths([0.5, 0.5], {"0": 1, "2": 1}) == pytest.approx(1.375)
+    assert expected_tokens_over_depths(0.8, {4: 3}) == pytest.approx(expected_tokens_per_step(0.8, 4))
+    assert expected_tokens_over_depths(0.8, {}) == 1.0
+    # n-gram-like steps: no draft half the time; a from the steps themselves predicts tau exactly
+    # when acceptance is the same at every position
+    st = position_acceptance([(4, 4), (0, 0), (4, 1), (0, 0)])
+    assert st["depth_counts"] == {0: 2, 4: 2}
+    tau = 1 + (4 + 0 + 1 + 0) / 4
+    assert expected_tokens_over_depths(st["per_position"], st["depth_counts"]) == pytest.approx(tau)
