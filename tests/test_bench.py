@@ -51,3 +51,22 @@ def test_sampled_runs_time_transformers_sampling_too(tiny_models):
     base = res["summaries"][0]
     assert base["transformers_sampling"] is True and base["transformers_tokens_per_s"] > 0
     assert "transformers_match_rate" not in base          # sampled outputs are not compared token by token
+
+
+def test_sweep_and_workload_share_one_harness(tiny_models):
+    """experiments.sweep (one baseline, several g) and run_workload (a learning proposer over a request
+    sequence): summaries against the same run's baseline, outputs equal to it in float32."""
+    from specdec_lib.experiments import replay_summary, run_workload, sweep
+    from specdec_lib.methods import make_proposer
+    prompts = load_prompt_set("spec_bench:qa", tiny_models.tokenizer, limit=1)
+    res = sweep(tiny_models, {"spec_bench:qa": prompts}, (1, 2), max_new_tokens=4, progress=False)
+    assert [(s["method"], s["draft_len"]) for s in res["summaries"]] == \
+        [("baseline", None), ("draft_model", 1), ("draft_model", 2)]
+    assert all(s["greedy_match_rate"] == 1.0 for s in res["summaries"][1:]) and len(res["records"]) == 3
+    work = run_workload(tiny_models, {"suffix": make_proposer("suffix")}, prompts * 2, 6, "spec_bench:qa", "qa",
+                        progress=False)
+    assert [s["method"] for s in work["summaries"]] == ["baseline", "suffix"]
+    assert work["summaries"][1]["greedy_match_rate"] == 1.0 and len(work["per_request"]) == 2
+    # the second request repeats the first: its output is in the suffix cache, so it is replayed exactly
+    rep = replay_summary(make_proposer("suffix"), prompts * 2, work["outputs"], {"k": [1, 2], "relative_time": [1, 1]})
+    assert rep["n_prompts"] == 2 and rep["new_tokens"] == 12 and rep["acceptance_rate"] > 0
