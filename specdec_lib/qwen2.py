@@ -121,10 +121,14 @@ def grouped_attention(q, k, v, mask):
     (measured: book/setup.md); longer prefills and GPUs use SDPA.
     """
     B, nh, T, hd = q.shape
-    if q.is_cuda or T > 64:
+    if (q.is_cuda and mask.dim() < 4) or T > 64:
         # The fused kernel wins on a GPU (measured on an H200: notes/gpu_performance.md; the two
         # small matmuls below get generic GEMM kernels there) and for long prefills on a CPU
         # (700 tokens: 76 vs 100 ms per layer in bf16 on the course's CPU).
+        # subtle: with one mask per row ([B, 1, T, S], batched generation) SDPA falls back to its math
+        # kernel, which copies every key and value rep times for grouped-query attention: at batch 1,024
+        # that is ~100 GB of copies per decode step (seen: 4.7k tokens/s on an H200). The two matmuls
+        # below read each key once.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=True)
     nkv = k.shape[1]
     rep = nh // nkv

@@ -239,23 +239,28 @@ def train(learner, target, data, cfg: TrainConfig, log_path=None, progress: bool
                          heldout_sequences=len(held)),
                trainable_parameters=sum(p.numel() for p in params), steps=[], evals=[])
     it = batches(train_seqs, cfg.batch_size, cfg.max_len, cfg.seed)
-    tokens, t0, dev = 0, time.perf_counter(), target.device
+    tokens, t0, dev, eval_s = 0, time.perf_counter(), target.device, 0.0
     learner.module.train()
     bar = tqdm(total=cfg.steps, desc=f"train {learner.name}", disable=not progress)
     for step in range(cfg.steps):
         if step == cfg.steps:   # (the step count may shrink, below)
             break
         if step == 10 and cfg.time_budget_s:
-            # Measured speed so far (evals included) -> the steps that fit the budget, keeping a full cosine
-            # schedule (warmup + decay over the new count) rather than cutting it off mid-way.
-            per_step = (time.perf_counter() - t0) / 10
-            fit = int(10 + (cfg.time_budget_s * 0.85 - (time.perf_counter() - t0)) / per_step)
+            # Measured speed of the 10 training steps (the first evaluation timed apart) -> the steps that
+            # fit the budget with their evaluations, keeping a full cosine schedule (warmup + decay over
+            # the new count) rather than cutting it off mid-way.
+            elapsed = time.perf_counter() - t0
+            per_step = (elapsed - eval_s) / 10
+            per_eval = eval_s / len(log["evals"])
+            fit = int(10 + (cfg.time_budget_s - elapsed - 2 * per_eval) / (per_step + per_eval / cfg.eval_every))
             if fit < cfg.steps:
                 log["steps_planned"], cfg.steps = cfg.steps, max(fit, 11)
                 log["config"]["steps"] = cfg.steps
                 bar.total = cfg.steps
         if step % cfg.eval_every == 0 or step == cfg.steps - 1:
+            te = time.perf_counter()
             ev = evaluate(learner, target, held, cfg)
+            eval_s += time.perf_counter() - te
             log["evals"].append(dict(step=step, tokens=tokens, wall_s=time.perf_counter() - t0, **ev))
             if log_path:
                 _write(log_path, log)
