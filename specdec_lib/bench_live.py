@@ -27,7 +27,6 @@ forwards in place of graphs (GraphRunner's CPU mode), so it is tested in CI.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .bench import parse_options
 from .cuda_graphs import BUCKETS, GraphDraft, GraphRunner, GreedyChain
 from .data import SPEC_BENCH_TASKS, Prompt, chat_ids, grounded, spec_bench
 from .decoding import generate
@@ -68,15 +68,10 @@ def parse_methods(spec: str) -> list[tuple[str, str, dict]]:
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, *kvs = item.split(":")
-        options = {}
-        for kv in kvs:
-            k, eq, v = kv.partition("=")
-            if not eq or not k:
-                raise ValueError(f"bad option {kv!r} in {item!r}: write name:key=value[:key=value]")
-            try:
-                options[k] = json.loads(v)
-            except json.JSONDecodeError:
-                options[k] = v
+        try:
+            options = parse_options(kvs)
+        except ValueError:
+            raise ValueError(f"bad option in {item!r}: write name:key=value[:key=value]") from None
         out.append((item, name, options))
     labels = [label for label, _, _ in out]
     if len(set(labels)) != len(labels):
@@ -356,7 +351,7 @@ def _collect(models, methods, sets, results, peers, curves, runner, new_tokens, 
         common = dict(prov, prompt_set=set_name, category=set_name.split(":")[-1], temperature=0.0,
                       max_new_tokens=new_tokens)
         base_sum = summarize([b.record for b in base], method="baseline", draft_len=None, **common)
-        base_tps, base_dec = base_sum["tokens_per_s"], _decode_s(base)
+        base_tps = base_sum["tokens_per_s"]
         base_sum.update(baseline_tokens_per_s=base_tps, speedup=1.0, decode_speedup=1.0, method_name="baseline")
         summaries.append(base_sum)
         peer_sums = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DATA_DIR, SYSTEM, chat_ids, grounded, qwen7b_greedy, spec_bench
+from .data import DATA_DIR, SYSTEM, chat_ids, grounded, qwen7b_greedy
 from .models import EOS_IDS, load_profile, machine_name
 from .sampling import SamplingParams, probs_from_logits
 

@@ -28,16 +28,17 @@ def toy_config(vocab: int) -> Qwen2Config:
 
 
 @torch.no_grad()
-def exact_distribution(target, params, prompt: list[int], k: int) -> dict:
-    """P(first k tokens) under the target alone, from its forwards (no sampling): {tuple: prob}."""
-    V = target.config.vocab_size
+def exact_distribution(target, params, prompt: list[int], k: int, vocab: int | None = None) -> dict:
+    """P(first k tokens) under the target alone, from its forwards (no sampling): {tuple: prob}.
+    vocab: only the first `vocab` ids exist for sampling (e.g. PARD's mask tokens lie above them)."""
+    V = vocab or target.config.vocab_size
     probs = {}
     for seq in itertools.product(range(V), repeat=k):
         ids = prompt + list(seq[:-1])
         cache = target.new_cache(len(ids))
         pos, slots, mask = chain_inputs(0, len(ids))
         logits, _ = target(torch.tensor([ids]), pos, cache, mask, slots)
-        p = probs_from_logits(logits[0, len(prompt) - 1:], params)   # rows after prompt, prompt+seq[0], ...
+        p = probs_from_logits(logits[0, len(prompt) - 1:, :V], params)   # rows after prompt, prompt+seq[0], ...
         probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(k)])))
     return probs
 

@@ -1,8 +1,9 @@
 """Medusa-1: head shapes, the sparse tree from given accuracies, greedy equality, lossless sampling, training."""
-import itertools
 
 import pytest
 import torch
+
+from helpers import exact_distribution
 
 from specdec_lib.decoding import Context, generate
 from specdec_lib.experiments import goodness_of_fit
@@ -202,18 +203,6 @@ def toy_target():
     return random_model(c, seed=11, std=0.5)
 
 
-@torch.no_grad()
-def exact_distribution(target, params):
-    probs = {}
-    for seq in itertools.product(range(SV), repeat=K):
-        ids = PROMPT + list(seq[:-1])
-        pos, slots, mask = chain_inputs(0, len(ids))
-        logits, _ = target(torch.tensor([ids]), pos, target.new_cache(len(ids)), mask, slots)
-        p = probs_from_logits(logits[0, len(PROMPT) - 1:], params)
-        probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(K)])))
-    return probs
-
-
 class ToyTarget:
     """The toy target's logits after a context and the hidden row Medusa reads there, memoised."""
 
@@ -259,7 +248,7 @@ def test_sampling_output_matches_target_distribution():
             out += acc.emitted
         counts[tuple(out[:K])] = counts.get(tuple(out[:K]), 0) + 1
     assert accepted > 0                      # the tree's nodes really get accepted sometimes
-    p = goodness_of_fit(counts, exact_distribution(model, params))["p_value"]
+    p = goodness_of_fit(counts, exact_distribution(model, params, PROMPT, K))["p_value"]
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 

@@ -1,9 +1,10 @@
 """PARD: the training mask on a hand-made case, training rows == inference rows, one forward == k
 separate masked predictions, greedy equality, the sampling distribution, and the learner."""
-import itertools
 
 import pytest
 import torch
+
+from helpers import exact_distribution
 
 from specdec_lib.decoding import generate
 from specdec_lib.experiments import goodness_of_fit
@@ -228,18 +229,6 @@ def test_q_rows_are_the_drawn_distributions():
     torch.testing.assert_close(d.q[:, :SV], probs_from_logits(logits, SamplingParams(1.0)))
 
 
-@torch.no_grad()
-def exact_distribution(target, params):
-    probs = {}
-    for seq in itertools.product(range(SV), repeat=K):
-        ids = PROMPT + list(seq[:-1])
-        pos, slots, mask = chain_inputs(0, len(ids))
-        logits, _ = target(torch.tensor([ids]), pos, target.new_cache(len(ids)), mask, slots)
-        p = probs_from_logits(logits[0, len(PROMPT) - 1:, :SV], params)
-        probs[seq] = float(torch.prod(torch.stack([p[i, seq[i]] for i in range(K)])))
-    return probs
-
-
 def test_sampling_output_matches_target_distribution():
     """generate() with the parallel drafter: the first K tokens follow the target's distribution."""
     cfg = toy_config(SV)
@@ -255,7 +244,7 @@ def test_sampling_output_matches_target_distribution():
         counts[tuple(out.tokens[:K])] = counts.get(tuple(out.tokens[:K]), 0) + 1
         accepted += out.record.accepted
     assert 0 < accepted < TRIALS * K
-    p = goodness_of_fit(counts, exact_distribution(target, params))["p_value"]
+    p = goodness_of_fit(counts, exact_distribution(target, params, PROMPT, K, vocab=SV))["p_value"]
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 

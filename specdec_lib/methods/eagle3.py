@@ -47,7 +47,6 @@ because of its own value would bias what the verifier sees, so the tree is cut i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
