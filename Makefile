@@ -17,7 +17,7 @@ book: venv
 	.venv/bin/jupyter-book build . --path-output . -W -n --keep-going
 	@echo "open _build/html/index.html"
 
-test: test-lib test-notebooks
+test: test-lib test-notebooks test-book
 
 test-lib: venv
 	$(PY) -m pytest tests -q

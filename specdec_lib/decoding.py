@@ -22,7 +22,7 @@ import torch
 
 from .metrics import RequestRecord, StepRecord, request_record
 from .sampling import SamplingParams
-from .tree import Draft, chain_inputs, step_inputs
+from .tree import Draft, chain_inputs, depths, step_inputs
 from .verify import verify
 
 
@@ -222,8 +222,11 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
                 break
         tokens.extend(new)
         t2 = time.perf_counter()
+        # a tree's depth (not its node count) is how many positions could be accepted in a row
+        depth = None if draft.is_chain() else int(depths(draft.parents).max())
         steps.append(StepRecord(proposed=len(draft), accepted=min(len(acc.path), len(new)),
-                                emitted=len(new), propose_s=t1 - t0, verify_s=t2 - t1, wall_s=t2 - t0))
+                                emitted=len(new), propose_s=t1 - t0, verify_s=t2 - t1, wall_s=t2 - t0,
+                                draft_depth=depth))
         if stop == "eos":
             break
     wall = time.perf_counter() - t_start

@@ -1,8 +1,10 @@
 """Greedy speculative output == greedy autoregressive output, for every proposer, draft length and tree."""
 import pytest
+import torch
 
 from specdec_lib.decoding import generate
 from specdec_lib.methods import make_proposer
+from specdec_lib.tree import Draft
 
 MAX_NEW = 24
 
@@ -88,3 +90,20 @@ def test_device_fed_greedy_chain_equals_baseline(tiny_target, tiny_prompts, refe
     ref = references[tuple(tiny_prompts[1])]
     out = chain.generate(tiny_target, tiny_prompts[1], MAX_NEW, eos_ids=[ref[6]], check_every=4)
     assert out.tokens == ref[:ref.index(ref[6]) + 1] and out.stop_reason == "eos"
+
+
+def test_tree_steps_record_their_depth(tiny_target):
+    """A tree of 3 nodes and depth 2 tries 2 positions, not 3: the step says so (per-position acceptance)."""
+    class TreeProposer:
+        name, hidden_layers = "tree", ()
+
+        def reset(self, prompt_ids):
+            pass
+
+        def propose(self, ctx):
+            return Draft(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, -1]))
+
+    out = generate(tiny_target, TreeProposer(), [1, 2, 3], 4)
+    assert [s.draft_depth for s in out.steps][0] == 2 and out.steps[0].proposed == 3
+    chain = generate(tiny_target, make_proposer("oracle", continuations={(1, 2, 3): [9] * 4}, draft_len=2), [1, 2, 3], 4)
+    assert chain.steps[0].draft_depth is None
