@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .data import DATA_DIR, SYSTEM, chat_ids, grounded, qwen7b_greedy
-from .models import EOS_IDS, load_profile, machine_name
+from .models import EOS_IDS, load_profile, machine_name, sha256
 from .sampling import SamplingParams, probs_from_logits
 
 IM_END = 151645
@@ -261,20 +261,16 @@ def save_data(folder, data: SelfDistillData) -> Path:
     np.savez_compressed(folder / "tokens.npz", ids=flat, lengths=lengths,
                         source=np.array([sources.index(s.source) for s in seqs], dtype=np.int8),
                         temperature=np.array([s.temperature for s in seqs], dtype=np.float32))
-    manifest = dict(data.manifest, sources=sources, sha256=sha256_file(folder / "tokens.npz"),
+    manifest = dict(data.manifest, sources=sources, sha256=sha256(folder / "tokens.npz"),
                     sequences=len(seqs), response_tokens=data.response_tokens)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return folder
 
 
-def sha256_file(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def read_data(folder) -> SelfDistillData:
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    if sha256_file(folder / "tokens.npz") != manifest["sha256"]:
+    if sha256(folder / "tokens.npz") != manifest["sha256"]:
         raise ValueError(f"{folder}/tokens.npz does not match its manifest's sha256: regenerate it "
                          f"(python -m specdec_lib.selfdistill --profile {manifest.get('profile', 'small')})")
     z = np.load(folder / "tokens.npz")

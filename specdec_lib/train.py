@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .metrics import write_json
 from .tree import chain_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,7 +264,7 @@ def train(learner, target, data, cfg: TrainConfig, log_path=None, progress: bool
             eval_s += time.perf_counter() - te
             log["evals"].append(dict(step=step, tokens=tokens, wall_s=time.perf_counter() - t0, **ev))
             if log_path:
-                _write(log_path, log)
+                write_json(log_path, log)
         b = next(it).to(dev)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -285,14 +286,8 @@ def train(learner, target, data, cfg: TrainConfig, log_path=None, progress: bool
     ev = evaluate(learner, target, held, cfg, n_batches=cfg.eval_batches * 2)
     log["final"] = dict(step=cfg.steps, tokens=tokens, wall_s=time.perf_counter() - t0, **ev)
     if log_path:
-        _write(log_path, log)
+        write_json(log_path, log)
     return log
-
-
-def _write(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- one command for any method
