@@ -126,13 +126,17 @@ def sample_batch(model, prompts: list[list[int]], max_new: int, temperature: flo
 
 
 def generate_all(model, prompts: list[list[int]], max_new: int, temperature: float, seed: int,
-                 batch_size: int, desc: str = "", progress: bool = True) -> list[list[int]]:
-    """sample_batch over many prompts, sorted by length (less padding), results in input order."""
+                 batch_size: int, desc: str = "", progress: bool = True, budget_s: float | None = None) -> list[list[int]]:
+    """sample_batch over many prompts, sorted by length (less padding), results in input order.
+    With `budget_s`, no new batch starts after that many seconds: the prompts left get no answer ([])."""
     from tqdm.auto import tqdm
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
+    t0 = time.time()
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        if budget_s is not None and time.time() - t0 > budget_s:
+            break
         idx = order[s:s + batch_size]
         for i, r in zip(idx, sample_batch(model, [prompts[i] for i in idx], max_new, temperature, gen)):
             out[i] = r
@@ -284,10 +288,42 @@ def read_data(folder) -> SelfDistillData:
     return SelfDistillData(seqs, manifest)
 
 
+def responses(model, prompts, sources, max_new, temperatures, seed, batch_size, budget_s=None,
+              target_tokens=None, progress=True) -> tuple[list[Sequence], float]:
+    """The target's response to every prompt at every temperature, batch by batch.
+
+    Prompts are sorted by length (little padding inside a batch) and the batches visited in a shuffled
+    order, every temperature of one batch before the next: stopped early by `budget_s` (seconds) or
+    `target_tokens` (response tokens), the data still spans all lengths and temperatures.
+    Returns (sequences, start time).
+    """
+    from tqdm.auto import tqdm
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    rng = np.random.default_rng(seed)
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    gens = [torch.Generator(device=model.device).manual_seed(seed + 1 + j) for j in range(len(temperatures))]
+    seqs, n_tok, t1 = [], 0, time.time()
+    bar = tqdm(batches, desc="responses", disable=not progress)
+    for idx in bar:
+        if (budget_s is not None and time.time() - t1 > budget_s) or (target_tokens and n_tok >= target_tokens):
+            break
+        for temp, gen in zip(temperatures, gens):
+            outs = sample_batch(model, [prompts[i] for i in idx], max_new, temp, gen)
+            seqs += [Sequence(prompts[i], r, sources[i], float(temp), prompt_key(prompts[i]))
+                     for i, r in zip(idx, outs) if r]
+            n_tok += sum(len(r) for r in outs)
+        bar.set_postfix(tokens=n_tok, tok_s=round(n_tok / (time.time() - t1)))
+    return seqs, t1
+
+
 def build_data(models, n_magpie: int = 4096, max_new: int = 384, max_prompt: int = 512, batch_size: int = 256,
                seed: int = 0, n_ultrachat: int | None = None, temperatures=RESPONSE_TEMPERATURES,
-               heldout_fraction: float = 0.05, progress: bool = True) -> SelfDistillData:
-    """Prompts (UltraChat train300 + Magpie), then the target's responses at every temperature."""
+               heldout_fraction: float = 0.05, budget_s: float | None = None, target_tokens: int | None = None,
+               magpie_budget_s: float | None = None, progress: bool = True) -> SelfDistillData:
+    """Prompts (UltraChat train300 + Magpie), then the target's responses at every temperature
+    (until `budget_s` seconds or `target_tokens` response tokens, when given: see `responses`; Magpie
+    sampling stops starting new batches after `magpie_budget_s`)."""
     target, tok = models.target, models.tokenizer
     t0 = time.time()
     ultra = qwen7b_greedy("train300", n_ultrachat)
@@ -298,7 +334,9 @@ def build_data(models, n_magpie: int = 4096, max_new: int = 384, max_prompt: int
     magpie_texts, counts = [], dict(generated=0, kept=0)
     if n_magpie:
         prefix = magpie_prefix(tok)
-        raw = generate_all(target, [prefix] * n_magpie, 160, 1.0, seed, batch_size, "magpie prompts", progress)
+        raw = generate_all(target, [prefix] * n_magpie, 160, 1.0, seed, batch_size, "magpie prompts", progress,
+                           magpie_budget_s)
+        raw = [r for r in raw if r]                                  # only the batches that ran
         magpie_texts, counts = filter_magpie(raw, tok)
         bad = set(overlapping(magpie_texts, evals))
         counts["overlap_eval"] = len(bad)
@@ -309,10 +347,8 @@ def build_data(models, n_magpie: int = 4096, max_new: int = 384, max_prompt: int
 
     prompts = ultra_prompts + magpie_prompts
     sources = ["ultrachat_train300"] * len(ultra_prompts) + ["magpie"] * len(magpie_prompts)
-    seqs, t1 = [], time.time()
-    for j, temp in enumerate(temperatures):
-        outs = generate_all(target, prompts, max_new, temp, seed + 1 + j, batch_size, f"responses T={temp}", progress)
-        seqs += [Sequence(p, r, s, float(temp), prompt_key(p)) for p, r, s in zip(prompts, outs, sources) if r]
+    seqs, t1 = responses(target, prompts, sources, max_new, temperatures, seed, batch_size, budget_s,
+                         target_tokens, progress)
     gen_s = time.time() - t1
     data = SelfDistillData(seqs, {})
     data.manifest = dict(
@@ -320,6 +356,8 @@ def build_data(models, n_magpie: int = 4096, max_new: int = 384, max_prompt: int
         heldout_fraction=heldout_fraction,
         dtype=models.dtype, seed=seed, max_new=max_new, max_prompt=max_prompt, temperatures=list(temperatures),
         prompts={"ultrachat_train300": len(ultra_prompts), "magpie": len(magpie_prompts)}, magpie=counts,
+        prompts_answered=len({s.prompt_key for s in seqs}), budget_s=budget_s, target_tokens=target_tokens,
+        magpie_budget_s=magpie_budget_s,
         magpie_examples=magpie_texts[:5], response_tokens_by_source={
             s: sum(len(x.response_ids) for x in seqs if x.source == s) for s in set(sources)},
         prompt_seconds=round(t_prompts, 1), response_seconds=round(gen_s, 1),
@@ -359,13 +397,18 @@ def main(argv=None):
     ap.add_argument("--max-new", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=None, help="stop answering prompts after this many seconds")
+    ap.add_argument("--target-tokens", type=int, default=None, help="stop at this many response tokens")
+    ap.add_argument("--magpie-budget-s", type=float, default=None, help="stop sampling Magpie prompts after this")
     a = ap.parse_args(argv)
     models = load_profile(a.profile)
-    kw = TINY_BUILD if models.profile == "tiny" else dict(n_magpie=a.magpie, max_new=a.max_new, batch_size=a.batch_size)
+    kw = TINY_BUILD if models.profile == "tiny" else dict(n_magpie=a.magpie, max_new=a.max_new, batch_size=a.batch_size,
+                                                            budget_s=a.budget_s, target_tokens=a.target_tokens,
+                                                            magpie_budget_s=a.magpie_budget_s)
     data = build_data(models, seed=a.seed, **kw)
     folder = save_data(a.out or data_dir(models.profile), data)
     m = json.loads((folder / "manifest.json").read_text())
-    print(json.dumps({k: m[k] for k in ("prompts", "magpie", "sequences", "response_tokens", "response_tokens_by_source",
+    print(json.dumps({k: m[k] for k in ("prompts", "magpie", "prompts_answered", "sequences", "response_tokens", "response_tokens_by_source",
                                         "response_seconds", "response_tokens_per_s", "machine")}, indent=1))
     print(f"written to {folder}")
 
