@@ -1,0 +1,89 @@
+/* Long lines of code and printed output wrap instead of scrolling sideways.
+
+   The book's code column is about 90 characters wide at 0.74rem; library source shown with
+   inspect.getsource and some printed lines are longer. Each line of a listing becomes a block that
+   wraps with a hanging indent: its continuation starts 4 columns right of where the line's own text
+   starts, so a wrapped line never looks like a new statement at the same depth. The text is
+   unchanged (every line keeps its newline in a hidden span), so the copy button copies the
+   original code. Tables (most lines with several column gaps) keep their columns and scroll, as a
+   wrapped table is harder to read than a scrolled one. Without JavaScript the page scrolls as before. */
+(function () {
+  "use strict";
+
+  // [[nodes of line 0], [nodes of line 1], ...] for a node, splitting its text at "\n";
+  // an element split across lines is cloned (shallow) around each piece.
+  function splitLines(node) {
+    if (node.nodeType === Node.TEXT_NODE) {
+      return node.data.split("\n").map(function (t) {
+        return t ? [document.createTextNode(t)] : [];
+      });
+    }
+    if (node.nodeType !== Node.ELEMENT_NODE) return [[]];
+    var lines = [[]];
+    node.childNodes.forEach(function (child) {
+      var sub = splitLines(child);
+      sub.forEach(function (part, i) {
+        if (i > 0) lines.push([]);
+        if (part.length) {
+          var wrap = node.cloneNode(false);
+          part.forEach(function (n) { wrap.appendChild(n); });
+          lines[lines.length - 1].push(wrap);
+        }
+      });
+    });
+    return lines;
+  }
+
+  function looksLikeTable(text) {
+    var rows = text.split("\n").filter(function (l) { return l.trim(); });
+    if (rows.length < 3) return false;
+    var tabular = rows.filter(function (l) {
+      return (l.trim().match(/\S {2,}(?=\S)/g) || []).length >= 3;
+    });
+    return tabular.length >= 0.6 * rows.length;
+  }
+
+  function wrap(pre) {
+    if (pre.classList.contains("sd-wrap")) return;
+    var text = pre.textContent;
+    var longest = Math.max.apply(null, text.split("\n").map(function (l) { return l.length; }));
+    if (longest < 60 || looksLikeTable(text)) return;   // nothing to wrap, or a table: leave it
+    var lines = [[]];
+    Array.prototype.slice.call(pre.childNodes).forEach(function (child) {
+      splitLines(child).forEach(function (part, i) {
+        if (i > 0) lines.push([]);
+        part.forEach(function (n) { lines[lines.length - 1].push(n); });
+      });
+    });
+    if (lines.length > 1 && lines[lines.length - 1].length === 0) lines.pop();  // final "\n"
+    var frag = document.createDocumentFragment();
+    lines.forEach(function (nodes) {
+      var line = document.createElement("span");
+      line.className = "sd-line";
+      var lead = 0;
+      var s = nodes.map(function (n) { return n.textContent; }).join("");
+      while (lead < s.length && s[lead] === " ") lead++;
+      var hang = Math.min(lead, 40) + 4;
+      line.style.paddingLeft = hang + "ch";
+      line.style.textIndent = -hang + "ch";
+      nodes.forEach(function (n) { line.appendChild(n); });
+      if (!s) line.className += " sd-empty";                 // keeps its height (course.css)
+      var nl = document.createElement("span");
+      nl.className = "sd-nl";
+      nl.textContent = "\n";
+      line.appendChild(nl);
+      frag.appendChild(line);
+    });
+    while (pre.firstChild) pre.removeChild(pre.firstChild);
+    pre.appendChild(frag);
+    pre.classList.add("sd-wrap");
+  }
+
+  function run() {
+    document.querySelectorAll("div.cell div.highlight pre, div.cell_output pre, " +
+                              "article div.highlight pre").forEach(wrap);
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", run);
+  else run();
+})();
