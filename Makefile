@@ -27,12 +27,14 @@ test-notebooks: venv
 	SPECDEC_PROFILE=tiny $(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider chapters -q
 
 # the built book as a reader meets it: no absolute paths, tracebacks, progress bars, empty widget
-# cells or broken links (tools/check_book.py); a few seconds
+# cells, broken links, code lines over 95 characters, unrendered $math$ or leftover markers
+# (tools/check_book.py); a few seconds
 test-book: book
 	$(PY) tools/check_book.py _build/html
 
-# the same, plus headless-Chromium screenshots of every chapter page in _build/screenshots
-# (Debian: apt-get install -y chromium); look at them before publishing
+# the same, plus headless-Chromium screenshots of every page (front matter and chapters, whole
+# page in 2000 px tiles) in _build/screenshots (Debian: apt-get install -y chromium); look at them
+# before publishing
 check-book: book
 	$(PY) tools/check_book.py _build/html --screenshots _build/screenshots
 

@@ -84,3 +84,29 @@ def test_check_book_pages(tmp_path):
     for what in ("absolute path", "Traceback", "progress-bar", "no static figure", "shows nothing",
                  "missing anchor"):
         assert what in found, what
+
+
+def test_check_book_long_code_lines_math_and_markers(tmp_path):
+    (tmp_path / "index.html").write_text("<html><body>home</body></html>")
+    ch = tmp_path / "chapters"
+    ch.mkdir()
+    (ch / "other.html").write_text('<html><body><span id="there"></span></body></html>')
+    ok_line = "x = 1" + " " * 80 + "# fits"
+    long_line = "y = " + "1 + " * 30 + "1"
+    good = _page([("", f'<div class="cell_input"><pre>{ok_line}\nz = 2</pre></div>'
+                       '<div class="cell_output"><p>cost <span class="math notranslate">\\(a_i\\)</span>'
+                       '</p><pre>printed $x$ {glue:text}`k` TODO</pre></div>')])
+    (ch / "good.html").write_text(good)
+    assert check_book.check_page(ch / "good.html", tmp_path, {}) == []
+    bad = _page([("", f'<div class="cell_input"><pre>{long_line}</pre></div>'
+                      '<div class="cell_output"><p><em>Figure.</em> acceptance $a_i$ per position</p>'
+                      '</div>')]) + "<p>see {glue:text}`ch9_x`</p>"
+    (ch / "bad.html").write_text(bad)
+    found = " | ".join(check_book.check_page(ch / "bad.html", tmp_path, {}))
+    for what in ("code line(s) over 95", "math that did not render", "leftover marker"):
+        assert what in found, what
+    # chapters re-executed later by their owners: long lines are a warning only
+    (ch / "07_pard.html").write_text(_page([("", f'<div class="cell_input"><pre>{long_line}</pre></div>')]))
+    warnings = []
+    assert check_book.check_page(ch / "07_pard.html", tmp_path, {}, warnings) == []
+    assert len(warnings) == 1 and "over 95" in warnings[0]
