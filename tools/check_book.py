@@ -15,7 +15,8 @@ External links are not fetched (CI runs offline). Pages in WARN_ONLY_LONG_LINES 
 warning for long code lines.
 
 Screenshots: Chromium (Debian's `chromium`) renders each page (front matter and chapters) 1280 px wide; tall pages are
-cut into tiles DIR/<page>-<n>.png of at most 2000 px, small enough to look at one by one.
+cut into tiles DIR/<page>-<nn>.png of at most 2000 px, small enough to look at one by one.
+MathJax comes from a CDN; offline, pass --mathjax with a local tex-mml-chtml.js to see the math.
 """
 from __future__ import annotations
 
@@ -122,29 +123,39 @@ def check_page(path: Path, root: Path, ids_cache: dict, warnings: list | None = 
 
 MEASURE = ('<script>window.addEventListener("load", () => document.body.setAttribute('
            '"data-page-height", document.documentElement.scrollHeight));</script></body>')
+MATHJAX_CDN = re.compile(r'src="https://cdn\.jsdelivr\.net/npm/mathjax@3/es5/tex-mml-chtml\.js"')
+
+
+def page_copy(page: Path, mathjax: Path | None) -> Path:
+    """A copy of the page next to it (so its links resolve) that records its rendered height on
+    load; with a local MathJax 3 (tex-mml-chtml.js) instead of the CDN's, for offline screenshots."""
+    text = page.read_text(errors="replace").replace("</body>", MEASURE, 1)
+    if mathjax is not None:
+        text = MATHJAX_CDN.sub(f'src="{mathjax.resolve().as_uri()}"', text)
+    copy = page.with_name(f".screenshot-{page.name}")
+    copy.write_text(text)
+    return copy
 
 
 def page_height(browser: str, page: Path, width: int) -> int:
-    """The rendered height of a page in px: a copy of it (next to it, so its links resolve) records
-    document height on load, and Chromium's --dump-dom reads it back."""
-    probe = page.with_name(f".measure-{page.name}")
-    probe.write_text(page.read_text(errors="replace").replace("</body>", MEASURE, 1))
-    try:
-        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                              f"--window-size={width},1200", "--virtual-time-budget=5000",
-                              "--dump-dom", probe.resolve().as_uri()],
-                             check=True, capture_output=True, text=True, timeout=120).stdout
-    finally:
-        probe.unlink()
+    """The rendered height of a page in px (Chromium's --dump-dom reads what MEASURE recorded)."""
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          f"--window-size={width},1200", "--virtual-time-budget=10000",
+                          "--dump-dom", page.resolve().as_uri()],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
     m = re.search(r'data-page-height="(\d+)"', dom)
     return int(m.group(1)) if m else 20000
 
 
-def screenshots(root: Path, out: Path, pages: list[Path], width: int = 1280, tile: int = 2000) -> list[Path]:
+def screenshots(root: Path, out: Path, pages: list[Path], width: int = 1280, tile: int = 2000,
+                mathjax: Path | None = None) -> list[Path]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         print("no Chromium found (Debian: apt-get install -y chromium): screenshots skipped")
         return []
+    if mathjax is None:
+        print("math shows as \\(...\\) source: MathJax comes from a CDN (offline here); "
+              "--mathjax PATH/tex-mml-chtml.js renders it")
     from PIL import Image
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -153,11 +164,15 @@ def screenshots(root: Path, out: Path, pages: list[Path], width: int = 1280, til
     for page in pages:
         name = page.stem
         full = out / f"{name}-full.png"
-        height = page_height(browser, page, width) + 40          # the whole page, in one window
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--window-size={width},{height}", "--virtual-time-budget=5000",
-                        f"--screenshot={full}", page.resolve().as_uri()],
-                       check=True, capture_output=True, timeout=300)
+        copy = page_copy(page, mathjax)
+        try:
+            height = page_height(browser, copy, width) + 40          # the whole page, in one window
+            subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                            f"--window-size={width},{height}", "--virtual-time-budget=10000",
+                            f"--screenshot={full}", copy.resolve().as_uri()],
+                           check=True, capture_output=True, timeout=300)
+        finally:
+            copy.unlink()
         img = Image.open(full).convert("RGB")
         for n, top in enumerate(range(0, img.height, tile)):
             part = out / f"{name}-{n + 1:02d}.png"
@@ -171,6 +186,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("html", nargs="?", default="_build/html")
     ap.add_argument("--screenshots", metavar="DIR", default=None)
+    ap.add_argument("--mathjax", metavar="JS", default=None, type=Path,
+                    help="a local MathJax 3 tex-mml-chtml.js for the screenshots (offline); e.g. from "
+                         "`npm pack mathjax@3`: package/es5/tex-mml-chtml.js")
     a = ap.parse_args(argv)
     root = Path(a.html)
     if not (root / "index.html").exists():
@@ -188,7 +206,7 @@ def main(argv=None) -> int:
     print(f"checked {len(pages)} pages: {len(found)} problem(s), {len(warnings)} warning(s)")
     if a.screenshots:
         shown = [p for p in pages if p.parent.name in ("chapters", "book")]   # front matter too
-        made = screenshots(root, Path(a.screenshots), shown)
+        made = screenshots(root, Path(a.screenshots), shown, mathjax=a.mathjax)
         if made:
             print(f"{len(made)} screenshots in {a.screenshots}")
     return 1 if found else 0
