@@ -5,8 +5,9 @@
    wraps with a hanging indent: its continuation starts 4 columns right of where the line's own text
    starts, so a wrapped line never looks like a new statement at the same depth. The text is
    unchanged (every line keeps its newline in a hidden span), so the copy button copies the
-   original code. Tables (most lines with several column gaps) keep their columns and scroll, as a
-   wrapped table is harder to read than a scrolled one. Without JavaScript the page scrolls as before. */
+   original code. Tables (most lines with several column gaps) keep their columns: a wrapped table
+   is harder to read than a scrolled one; one a little too wide is set smaller until it fits.
+   Without JavaScript the page scrolls as before. */
 (function () {
   "use strict";
 
@@ -43,11 +44,30 @@
     return tabular.length >= 0.6 * rows.length;
   }
 
+  // A table a little wider than the column is drawn in a smaller font until it fits (down to
+  // 72% of the code font); a wider one keeps its size and scrolls. Hidden tables (collapsed
+  // outputs) are fitted when they are shown.
+  function fitTable(pre) {
+    pre.style.fontSize = "";
+    if (!pre.clientWidth || pre.scrollWidth <= pre.clientWidth) return;
+    var style = getComputedStyle(pre);
+    var pad = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight);
+    var ratio = (pre.clientWidth - pad) / (pre.scrollWidth - pad);
+    if (ratio >= 0.72) pre.style.fontSize = (parseFloat(style.fontSize) * ratio * 0.98) + "px";
+  }
+
+  var tables = [];
+
   function wrap(pre) {
-    if (pre.classList.contains("sd-wrap")) return;
+    if (pre.classList.contains("sd-wrap") || pre.classList.contains("sd-table")) return;
     var text = pre.textContent;
     var longest = Math.max.apply(null, text.split("\n").map(function (l) { return l.length; }));
-    if (longest < 60 || looksLikeTable(text)) return;   // nothing to wrap, or a table: leave it
+    if (longest < 60) return;                            // nothing to wrap
+    if (looksLikeTable(text)) {                          // a table: keep its columns
+      pre.classList.add("sd-table");
+      tables.push(pre);
+      return;
+    }
     var lines = [[]];
     Array.prototype.slice.call(pre.childNodes).forEach(function (child) {
       splitLines(child).forEach(function (part, i) {
@@ -79,9 +99,17 @@
     pre.classList.add("sd-wrap");
   }
 
+  function fitTables() { tables.forEach(fitTable); }
+
   function run() {
     document.querySelectorAll("div.cell div.highlight pre, div.cell_output pre, " +
                               "article div.highlight pre").forEach(wrap);
+    fitTables();
+    window.addEventListener("load", fitTables);                 // after fonts and images
+    var timer;
+    window.addEventListener("resize", function () { clearTimeout(timer); timer = setTimeout(fitTables, 150); });
+    document.addEventListener("toggle", fitTables, true);     // <details> opened
+    document.addEventListener("click", function () { setTimeout(fitTables, 50); });  // toggle buttons
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", run);
