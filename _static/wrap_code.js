@@ -5,8 +5,9 @@
    wraps with a hanging indent: its continuation starts 4 columns right of where the line's own text
    starts, so a wrapped line never looks like a new statement at the same depth. The text is
    unchanged (every line keeps its newline in a hidden span), so the copy button copies the
-   original code. Tables (most lines with several column gaps) keep their columns: a wrapped table
-   is harder to read than a scrolled one; one a little too wide is set smaller until it fits.
+   original code. The rows of a table (most lines with several column gaps) keep their columns: a
+   wrapped table is harder to read than a scrolled one; one a little too wide is set smaller until
+   it fits. Other lines in a table's block (a heading sentence) wrap.
    Without JavaScript the page scrolls as before. */
 (function () {
   "use strict";
@@ -35,13 +36,14 @@
     return lines;
   }
 
+  // a table row: at least three column gaps (two or more spaces between words)
+  function isRow(line) {
+    return (line.trim().match(/\S {2,}(?=\S)/g) || []).length >= 3;
+  }
+
   function looksLikeTable(text) {
     var rows = text.split("\n").filter(function (l) { return l.trim(); });
-    if (rows.length < 3) return false;
-    var tabular = rows.filter(function (l) {
-      return (l.trim().match(/\S {2,}(?=\S)/g) || []).length >= 3;
-    });
-    return tabular.length >= 0.6 * rows.length;
+    return rows.length >= 3 && rows.filter(isRow).length >= 0.6 * rows.length;
   }
 
   // A table a little wider than the column is drawn in a smaller font until it fits (down to
@@ -59,15 +61,11 @@
   var tables = [];
 
   function wrap(pre) {
-    if (pre.classList.contains("sd-wrap") || pre.classList.contains("sd-table")) return;
+    if (pre.classList.contains("sd-wrap")) return;
     var text = pre.textContent;
     var longest = Math.max.apply(null, text.split("\n").map(function (l) { return l.length; }));
     if (longest < 60) return;                            // nothing to wrap
-    if (looksLikeTable(text)) {                          // a table: keep its columns
-      pre.classList.add("sd-table");
-      tables.push(pre);
-      return;
-    }
+    var table = looksLikeTable(text);                    // its rows keep their columns
     var lines = [[]];
     Array.prototype.slice.call(pre.childNodes).forEach(function (child) {
       splitLines(child).forEach(function (part, i) {
@@ -88,6 +86,7 @@
       line.style.textIndent = -hang + "ch";
       nodes.forEach(function (n) { line.appendChild(n); });
       if (!s) line.className += " sd-empty";                 // keeps its height (course.css)
+      if (table && isRow(s)) line.className += " sd-row";    // never wraps (course.css)
       var nl = document.createElement("span");
       nl.className = "sd-nl";
       nl.textContent = "\n";
@@ -97,6 +96,10 @@
     while (pre.firstChild) pre.removeChild(pre.firstChild);
     pre.appendChild(frag);
     pre.classList.add("sd-wrap");
+    if (table) {
+      pre.classList.add("sd-table");
+      tables.push(pre);
+    }
   }
 
   function fitTables() { tables.forEach(fitTable); }
