@@ -101,9 +101,13 @@ def test_check_book_long_code_lines_math_and_markers(tmp_path):
     bad = _page([("", f'<div class="cell_input"><pre>{long_line}</pre></div>'
                       '<div class="cell_output"><p><em>Figure.</em> acceptance $a_i$ per position</p>'
                       '</div>')]) + "<p>see {glue:text}`ch9_x`</p>"
+    bad = bad.replace("</body>", '<div class="cell docutils container"><div class="cell_input">'
+                      'glue("k", 1.0, ".1f")</div><div class="cell_output"><pre>\'1.0\'</pre></div>'
+                      '</div></body>')
     (ch / "bad.html").write_text(bad)
     found = " | ".join(check_book.check_page(ch / "bad.html", tmp_path, {}))
-    for what in ("code line(s) over 95", "math that did not render", "leftover marker"):
+    for what in ("code line(s) over 95", "math that did not render", "leftover marker",
+                 "shows the value '1.0'"):
         assert what in found, what
     # chapters re-executed later by their owners: long lines are a warning only
     (ch / "07_pard.html").write_text(_page([("", f'<div class="cell_input"><pre>{long_line}</pre></div>')]))

@@ -11,8 +11,9 @@ does not exist, a code line of a notebook cell longer than 95 characters (the co
 about 96 in a 1280 px window; longer printed lines wrap through _static/wrap_code.js), and in
 the prose (code and rendered math left out): $...$ math that did not render (e.g. in a figure
 caption) or a leftover marker (an unresolved {glue}/{cite} role, a ::: fence, NBVAL, TODO, FIXME).
-External links are not fetched (CI runs offline). Pages in WARN_ONLY_LONG_LINES only get a
-warning for long code lines.
+A cell whose only output is a quoted short string ('1.23': the return value of a last-line
+glue(...) without ";") is flagged too. External links are not fetched (CI runs offline). Pages
+in WARN_ONLY get a warning instead for long code lines and such echoes.
 
 Screenshots: Chromium (Debian's `chromium`) renders each page (front matter and chapters) 1280 px wide; tall pages are
 cut into tiles DIR/<page>-<nn>.png of at most 2000 px, small enough to look at one by one.
@@ -42,8 +43,10 @@ NOT_PROSE = re.compile(r"<pre\b.*?</pre>|<code\b.*?</code>|<(span|div) class=\"m
 DOLLAR_MATH = re.compile(r"(?<![\w$\\])\$[^$\s](?:[^$\n]{0,200}?[^$\s\\])?\$(?![\w$])")
 MARKER = re.compile(r"\{(?:glue|glue:text|cite|ref|numref|doc|eq)\}?`|^\s*:::|NBVAL|\bTODO\b|\bFIXME\b", re.M)
 MAX_CODE_LINE = 95
-# chapters that are re-executed later by their owners: long code lines are only reported for now
-WARN_ONLY_LONG_LINES = ("05_medusa", "06_eagle3", "07_pard")
+# chapters that are re-executed later by their owners: long code lines and glue echoes are only
+# reported for now (a warning); remove a chapter from here once it passes
+WARN_ONLY = ("05_medusa", "06_eagle3", "07_pard")
+ECHO = re.compile(r"""<pre\b[^>]*>(?:<span></span>)?\s*('[^'\n<]{0,40}'|"[^"\n<]{0,40}")\s*</pre>""")
 
 
 def text_of(fragment: str) -> str:
@@ -82,7 +85,7 @@ def check_page(path: Path, root: Path, ids_cache: dict, warnings: list | None = 
     if m:
         found.append(f"{rel}: progress-bar text {m.group(0)!r}")
     prev_figure = False
-    long_lines = []
+    long_lines, style = [], []
     for i, (cls, cell) in enumerate(cells(body)):
         inp, _, out = cell.partition('class="cell_output')
         is_widget = "tag_widget" in cls or bool(WIDGET_CALL.search(text_of(inp)))
@@ -96,14 +99,18 @@ def check_page(path: Path, root: Path, ids_cache: dict, warnings: list | None = 
             for line in text_of(pre).split("\n"):
                 if len(line) > MAX_CODE_LINE:
                     long_lines.append((i, line))
+        m = ECHO.search(out)
+        if m:
+            style.append(f"{rel}: code cell {i + 1} shows the value {htmllib.unescape(m.group(1))} "
+                         "(end its last glue(...) with ';')")
     if long_lines:
         i, line = long_lines[0]
-        msg = (f"{rel}: {len(long_lines)} code line(s) over {MAX_CODE_LINE} characters "
-               f"(first in cell {i}: {line.strip()[:60]!r}...)")
-        if path.stem in WARN_ONLY_LONG_LINES and warnings is not None:
-            warnings.append(msg)
-        else:
-            found.append(msg)
+        style.append(f"{rel}: {len(long_lines)} code line(s) over {MAX_CODE_LINE} characters "
+                     f"(first in code cell {i + 1}: {line.strip()[:60]!r}...)")
+    if path.stem in WARN_ONLY and warnings is not None:
+        warnings += style
+    else:
+        found += style
     for link in HREF.findall(raw):
         if re.match(r"^(https?:|mailto:|data:|javascript:|//)", link) or link.startswith("#") and len(link) == 1:
             continue
