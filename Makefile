@@ -15,6 +15,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 book: venv
 	.venv/bin/jupyter-book build . --path-output . -W -n --keep-going
+	@# Sphinx copies _static/ only when some page changed: keep the book's CSS and JS current
+	cp _static/*.css _static/*.js _build/html/_static/
 	@echo "open _build/html/index.html"
 
 test: test-lib test-notebooks test-book
