@@ -28,17 +28,21 @@ plt.rcParams.update(STYLE)
 
 
 def provenance(summaries: list[dict]) -> str:
-    """'machine · model · dtype · profile' of the runs behind a figure ('; ' between mixed ones)."""
-    seen = []
+    """'machine · model · dtype · profile' of the runs behind a figure ('; ' between mixed ones).
+
+    Rows that differ only in whether they name the CPU's instruction set (`isa`) are one source:
+    it is named once, with the instruction set."""
+    seen, isa = [], {}
     for s in summaries:
-        machine = str(s.get("machine", "?")) + (f", {s['isa']}" if s.get("isa") else "")
-        line = " · ".join([machine] + [str(s.get(k, "?")) for k in ("model", "dtype")])
-        line += f" · profile {s.get('profile', '?')}"
-        if s.get("note"):
-            line += f" ({s['note']})"
-        if line not in seen:
-            seen.append(line)
-    return "; ".join(seen[:4])
+        rest = " · ".join(str(s.get(k, "?")) for k in ("model", "dtype"))
+        rest += f" · profile {s.get('profile', '?')}" + (f" ({s['note']})" if s.get("note") else "")
+        key = (str(s.get("machine", "?")), rest)
+        if key not in seen:
+            seen.append(key)
+        if s.get("isa"):
+            isa.setdefault(key, s["isa"])
+    lines = [m + (f", {isa[(m, r)]}" if (m, r) in isa else "") + " · " + r for m, r in seen]
+    return "; ".join(lines[:4])
 
 
 def caption_text(text: str, sources=()) -> str:
