@@ -172,8 +172,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Write the new keys/values into their slots (index_copy_: no host sync, graph friendly).
-        k_cache.index_copy_(2, slots, k)
-        v_cache.index_copy_(2, slots, v)
+        # subtle: under bf16 autocast (training on a GPU) a float32 model's k, v come out bf16 while
+        # its cache is float32; .to() is a no-op when the dtypes already agree.
+        k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
         S = mask.shape[-1]
         keys, values = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, nkv, S, hd]
         out = grouped_attention(q, keys, values, mask)  # [B, nh, T, hd]
