@@ -188,6 +188,9 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     """Run everything; returns {'summaries': [...], 'run': {...}}. on_round(result) after every round.
     deadline (time.time() value): no round starts that would, at the longest round's pace, end after it."""
     t_setup = time.time()
+    # setup phases printed as they end: compiling and capturing graphs takes minutes on a fresh GPU machine
+    stamp = (lambda what: print(f"[setup {time.time() - t_setup:6.1f} s] {what}", flush=True)) if progress \
+        else (lambda what: None)
     target, draft = models.target, models.draft
     on_gpu = target.device.type == "cuda"
     longest = max(len(p.prompt_ids) for ps in sets.values() for p in ps)
@@ -198,6 +201,7 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     draft_chain = GreedyChain(draft_runner.step_forward(1), draft_runner.cache, draft.device)
     if on_gpu:
         draft_chain.capture()
+    stamp("draft model's graphs captured")
     # 2. proposers first: their hidden layers decide what the target's graphs return
     drafters = {}      # PARD: one merged drafter (adapter folded into the 0.5B) in its own graphs, shared by every k
 
@@ -228,11 +232,13 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
 
     proposers = {label: attempt(label, build, name, opts) for label, name, opts in methods if name != "oracle"}
     proposers = {k: v for k, v in proposers.items() if v is not None}
+    stamp(f"{len(proposers)} proposers built")
     layers = sorted({h for p in proposers.values() for h in getattr(p, "hidden_layers", ())})
     runner = GraphRunner(target, max_len, buckets, hidden_layers=layers, compile=on_gpu, fused=on_gpu).capture()
     chain = GreedyChain(runner.step_forward(1), runner.cache, target.device)
     if on_gpu:
         chain.capture()
+    stamp("target's graphs captured")
     run = dict(forward=runner, kv_len=max_len, cache=runner.cache)
     curves = {"target": runner_curve(runner), "draft": runner_curve(draft_runner)}
     # a method keeping state across requests (suffix's global cache) gets a fresh instance per prompt set
@@ -246,6 +252,7 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
         if attempt(label, generate, target, prop, warm, 8, **run) is None:
             del proposers[label]
     setup_s = time.time() - t_setup
+    stamp("warm-up done")
     # 4. the oracle on real text, for both models
     t0 = time.time()
     left = lambda: float("inf") if deadline is None else deadline - time.time()  # noqa: E731

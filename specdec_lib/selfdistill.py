@@ -12,7 +12,7 @@ the target's own outputs, not from a data set written by people or another model
    generated in large left-padded batches with our own forward (`sample_batch`).
 3. Storage: token ids (uint32) with offsets, plus a manifest (sources, counts, seed, sha256).
 
-    python -m specdec_lib.selfdistill --profile small          # on a GPU: ~2M response tokens
+    python -m specdec_lib.selfdistill --profile small          # on an H200: 2M response tokens, ~7 min
     python -m specdec_lib.selfdistill --profile tiny           # seconds, for tests
 
 Under `tiny`, `load_data` builds a small set on the fly (cached in the temp folder).
@@ -384,7 +384,7 @@ def load_data(models, path=None) -> SelfDistillData:
         if models.profile != "tiny":
             raise FileNotFoundError(
                 f"no self-distilled data in {folder}: generate it with `python -m specdec_lib.selfdistill "
-                f"--profile {models.profile}` (a GPU: ~2 minutes on an H200), or pass path=")
+                f"--profile {models.profile}` (a GPU: ~7 minutes on an H200), or pass path=")
         save_data(folder, build_data(models, progress=False, **TINY_BUILD))
     return read_data(folder)
 
@@ -393,12 +393,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default=None)
     ap.add_argument("--out", default=None, help="folder (default data/selfdistill/<profile>)")
-    ap.add_argument("--magpie", type=int, default=4096, help="Magpie prompts to sample (before filtering)")
+    ap.add_argument("--magpie", type=int, default=9000, help="Magpie prompts to sample (before filtering)")
     ap.add_argument("--max-new", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=None, help="stop answering prompts after this many seconds")
-    ap.add_argument("--target-tokens", type=int, default=None, help="stop at this many response tokens")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop answering prompts after this many seconds (a cut that depends on the machine)")
+    ap.add_argument("--target-tokens", type=int, default=2_000_000,
+                    help="stop at this many response tokens (a deterministic cut; 0: answer every prompt)")
     ap.add_argument("--magpie-budget-s", type=float, default=None, help="stop sampling Magpie prompts after this")
     a = ap.parse_args(argv)
     models = load_profile(a.profile)

@@ -347,14 +347,20 @@ def main(argv=None):
     config = {k: getattr(a, k) for k in ("steps", "batch_size", "max_len", "lr", "warmup", "eval_every", "seed",
                                          "time_budget_s")
               if getattr(a, k) is not None}
+    t0 = time.perf_counter()
+    # where the time goes outside the loop (on a leased GPU every minute counts): printed as it happens
+    stamp = lambda what: print(f"[{time.perf_counter() - t0:6.1f} s] {what}", flush=True)  # noqa: E731
     models = load_profile(a.profile)
+    stamp(f"models loaded ({models.profile}, {models.device})")
     data = load_data(models, a.data)
+    stamp(f"data read: {len(data.sequences)} sequences, {data.response_tokens:,} response tokens")
     out = Path(a.out) if a.out else checkpoint_path(a.method, models.profile)
     log_path = a.log or ROOT / "chapters" / "results" / CHAPTERS[a.method] / f"train_{a.method}_{models.profile}.json"
     if models.profile == "tiny" and not a.log:
         log_path = None
     learner, log = train_method(a.method, models, data, out, log_path, int8=not a.bf16_weights and models.profile != "tiny",
                                 config=config, **options)
+    stamp("trained and saved")
     f = log["final"]
     print(f"{a.method} on {models.profile}: {log['trainable_parameters'] / 1e6:.2f} M trainable parameters, "
           f"{f['tokens']} tokens in {f['wall_s']:.0f} s; held-out loss {f['loss']:.3f}, top-1 "
