@@ -57,6 +57,12 @@ def spec_bench(tokenizer, category: str | None = None, limit: int | None = None)
     return out[:limit]
 
 
+def spec_bench_turns() -> list[str]:
+    """Every user turn of every Spec-Bench question (the chapters prompt with the first; a training set
+    must avoid all of them)."""
+    return [t for r in _jsonl(DATA_DIR / "spec_bench" / "question.jsonl") for t in r["turns"]]
+
+
 def qwen7b_greedy(split: str = "eval60", limit: int | None = None) -> list[Prompt]:
     """The real Qwen2.5-7B-Instruct greedy outputs: prompt ids and the 7B's continuation."""
     check_limit(limit)

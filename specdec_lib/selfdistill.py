@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DATA_DIR, SYSTEM, chat_ids, grounded, qwen7b_greedy
+from .data import SYSTEM, chat_ids, grounded, qwen7b_greedy, spec_bench_turns
 from .models import EOS_IDS, load_profile, machine_name, sha256
 from .sampling import SamplingParams, probs_from_logits
 
@@ -196,8 +196,7 @@ def shingles(text: str, n: int = 8) -> set[tuple]:
 
 def evaluation_texts(tokenizer) -> list[str]:
     """Every prompt a chapter evaluates on: Spec-Bench (all turns), the 7B eval60 set, the grounded set."""
-    rows = [json.loads(x) for x in (DATA_DIR / "spec_bench" / "question.jsonl").read_text().splitlines() if x.strip()]
-    texts = [t for r in rows for t in r["turns"]]
+    texts = spec_bench_turns()
     texts += [p.text for p in qwen7b_greedy("eval60")]
     texts += [p.text for p in grounded(tokenizer)]
     return texts
