@@ -163,3 +163,86 @@ def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), prefix_len: int = 102
         times.append(t)
     return {"k": list(ks), "time_s": times, "relative_time": [t / times[0] for t in times],
             "prefix_len": prefix_len}
+
+
+# ---------------------------------------------------------------- backing off: how much to propose this step
+def cost_list(curve, max_k: int) -> list[float]:
+    """[c(1), ..., c(max_k)] from a stored curve's name, a curve dict (load_cost_curve), or a list
+    of c(k) for k = 1, 2, ... (relative to one 1-token step, so c(1) = 1).
+
+    Example: cost_list([1, 1.4, 1.5, 1.6], 3) -> [1, 1.4, 1.5]; cost_list("h200_small_target", 2)
+    -> [1.0, 1.446...].
+    """
+    if isinstance(curve, str):
+        try:
+            curve = load_cost_curve(curve)
+        except FileNotFoundError as e:         # a bad option value, not a missing file of ours
+            raise ValueError(f"cost_curve: {e}") from None
+    if isinstance(curve, dict):
+        return [relative_cost(curve, k) for k in range(1, max_k + 1)]
+    try:
+        costs = [float(c) for c in curve]
+    except (TypeError, ValueError):
+        raise ValueError(f"cost_curve must be a stored curve's name, a curve dict or a list of c(k) for "
+                         f"k = 1, 2, ...; got {curve!r}") from None
+    if len(costs) < max_k:
+        raise ValueError(f"cost_curve has c(k) for k = 1..{len(costs)} but this draft length needs k up to "
+                         f"{max_k}: give more values, a stored curve, or a smaller draft_len")
+    if abs(costs[0] - 1.0) > 1e-6 or not all(0 < c < float("inf") for c in costs):
+        raise ValueError(f"cost_curve must list relative costs c(k) = t(k) / t(1) (c(1) = 1, all > 0), "
+                         f"got {costs[:4]}...: divide measured times by the 1-token time")
+    return costs[:max_k]
+
+
+def best_prefix(gains, costs) -> int:
+    """How many draft nodes to send: the k maximising gains[k] / costs[k].
+
+    gains[k] = expected tokens emitted when the first k nodes are sent (gains[0] = 1: an empty
+    draft is one ordinary decode step); costs[k] = c(k + 1), the verify forward over root + k nodes.
+    Ties go to the smaller k: a longer draft must strictly beat a shorter one (so with no
+    evidence of a gain, the step stays an ordinary decode step).
+    Example: gains [1, 1.5, 1.75], costs [1, 1.2, 1.3] -> ratios 1, 1.25, 1.35 -> 2.
+    """
+    best, best_rate = 0, gains[0] / costs[0]
+    for k in range(1, min(len(gains), len(costs))):
+        rate = gains[k] / costs[k]
+        if rate > best_rate + 1e-12:          # subtle: float noise must not break an exact tie
+            best, best_rate = k, rate
+    return best
+
+
+def choose_draft_len(a: float, max_len: int, costs) -> int:
+    """The chain length g in 0..max_len maximising E[tokens](g) / c(g + 1) for per-position
+    acceptance a (expected_tokens_per_step). costs = [c(1), c(2), ...].
+
+    Examples: a steep curve c(k) = k and a = 0.3 -> 0 (nothing pays: 1.3 / 2 < 1);
+    a flat curve and a = 0.9 -> max_len; the CPU curve with c(2) < 1 -> at least 1 even for a = 0.
+    """
+    return best_prefix([expected_tokens_per_step(a, g) for g in range(max_len + 1)], costs)
+
+
+class AcceptanceTally:
+    """A running estimate of the per-position acceptance a, kept per bucket (e.g. an n-gram's match
+    length), for proposers that pick their draft length from evidence.
+
+    a(bucket) = (accepted + prior * weight) / (tried + weight): the prior guess counts as `weight`
+    trials, so a few steps of evidence outweigh it (prior 1/2, weight 2 is Laplace's rule of
+    succession). `tried` counts positions the verifier reached (accepted / proposed would be
+    biased low; see accepted_over_proposed).
+    Example: nothing seen, prior 0.5 -> 0.5; add(3, accepted=3, tried=4) -> (3 + 1) / (4 + 2) = 0.667.
+    """
+
+    def __init__(self, weight: float = 2.0):
+        if not weight > 0:
+            raise ValueError(f"the prior's weight (pseudo-trials) must be > 0, got {weight}")
+        self.weight = weight
+        self.counts: dict = {}                 # bucket -> [accepted, tried]
+
+    def add(self, key, accepted: float, tried: float) -> None:
+        c = self.counts.setdefault(key, [0.0, 0.0])
+        c[0] += accepted
+        c[1] += tried
+
+    def estimate(self, key, prior: float = 0.5) -> float:
+        accepted, tried = self.counts.get(key, (0.0, 0.0))
+        return min(1.0, (accepted + prior * self.weight) / (tried + self.weight))

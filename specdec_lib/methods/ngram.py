@@ -18,9 +18,19 @@ Policies: `recent` copies the continuation of the most recent occurrence; `frequ
 token by token, each time taking the token that most often followed the current tail (ties:
 the more recent). `adaptive` g grows by one after a fully accepted draft and shrinks by one
 after a rejection. No match means an empty draft: the step is one ordinary decode step.
+
+Back-off (cost_curve=...): a draft pays only if its expected tokens beat what its verify step
+costs on this machine, E[tokens](g) / c(g + 1) > 1 / c(1). Each step the lookup finds its
+candidate (up to draft_len tokens) and the match length n; a running tally per n estimates the
+per-position acceptance a; the proposer sends the g in 0..len(candidate) that maximises
+E / c(g + 1) (costmodel.choose_draft_len), possibly 0: an ordinary decode step. Evidence comes
+from the only channel the loop has, the tokens it appended since the last call: the whole
+candidate, also the tokens not sent, is checked against them, so a step that sent nothing still
+teaches whether its first token would have been accepted (the lookup costs microseconds).
 """
 from __future__ import annotations
 
+from ..costmodel import AcceptanceTally, choose_draft_len, cost_list
 from ..models import EOS_IDS
 from ..tree import Draft
 
@@ -133,6 +143,10 @@ class NgramIndex:
                 return n, hit
         return 0, None
 
+    def match_len(self) -> int:
+        """n of the longest tail of the tokens seen before with a successor (0: no match)."""
+        return self._tail(self.tokens, self.recent)[0]
+
     def propose(self, g: int, policy: str = "recent") -> list[int]:
         if policy == "recent":
             _, j = self._tail(self.tokens, self.recent)
@@ -149,13 +163,44 @@ class NgramIndex:
         return draft
 
 
+def prior_acceptance(n: int) -> float:
+    """What to expect of a match of length n before any evidence: the per-position acceptance
+    measured by exact replay of the real Qwen2.5-7B's greedy outputs (data/qwen25_7b_greedy,
+    eval60: 60 ultrachat prompts, 128 tokens, draft_len 8, max_n 3): 0.27 for n = 1, 0.42 for
+    n = 2, 0.82 for n = 3. Another model and other prompts than the Spec-Bench runs it is used on;
+    rounded, since only its order of magnitude matters (evidence outweighs it within a few steps).
+    A 1-token match is weak evidence: most words recur with another continuation."""
+    return 0.25 if n <= 1 else 0.4 if n == 2 else 0.8
+
+
+def check_candidate(candidate: list[int], appended: list[int]) -> tuple[int, int]:
+    """(accepted, tried): how far the target's tokens since the proposal follow the candidate.
+
+    appended = the accepted draft tokens + the bonus token (or only the target's token after an
+    empty draft). Position i was *tried* if positions before it matched; the first mismatch ends
+    the walk. [7, 8, 9] vs [7, 5] -> (1, 2); [7, 8, 9] vs [7, 8, 9, 4] -> (3, 3); vs [7] -> (1, 1).
+    Under sampling, a token the target samples equals a one-token draft x with probability p(x),
+    its acceptance probability, so the evidence is unbiased there too.
+    """
+    accepted = 0
+    for want, got in zip(candidate, appended):
+        if want != got:
+            return accepted, accepted + 1
+        accepted += 1
+    return accepted, accepted
+
+
 class NgramProposer:
-    """Prompt lookup with an incremental index (or the naive scan, lookup="scan", for comparison)."""
+    """Prompt lookup with an incremental index (or the naive scan, lookup="scan", for comparison).
+
+    cost_curve: None (send every candidate token, the default) or the target's c(k) (a stored
+    curve's name, a curve dict, or a list of c(k) for k = 1..draft_len + 1): back off, as above.
+    """
     hidden_layers = ()
 
     def __init__(self, draft_len: int = 4, max_n: int = 3, min_n: int = 1, policy: str = "recent",
                  adaptive: bool = False, max_draft_len: int | None = None, lookup: str = "index",
-                 eos_ids=EOS_IDS):
+                 eos_ids=EOS_IDS, cost_curve=None):
         if draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {draft_len}")
         if min_n < 1 or max_n < min_n:
@@ -169,9 +214,17 @@ class NgramProposer:
             raise ValueError(f"max_draft_len ({max_draft_len}) must be >= draft_len ({draft_len})")
         self.draft_len, self.max_n, self.min_n, self.policy = draft_len, max_n, min_n, policy
         self.adaptive, self.max_draft_len, self.lookup = adaptive, max_draft_len, lookup
+        if cost_curve is not None and (adaptive or lookup != "index"):
+            raise ValueError("cost_curve picks the draft length from evidence: use it with adaptive=False and "
+                             "lookup='index' (the match length it learns from comes from the index)")
         self.eos = tuple(eos_ids)
+        # [c(1), ..., c(draft_len + 1)] or None; a name is kept for the label
+        self.costs = None if cost_curve is None else cost_list(cost_curve, draft_len + 1)
+        backoff = "" if cost_curve is None else \
+            f", backoff={cost_curve if isinstance(cost_curve, str) else 'curve'}"
         self.name = (f"ngram(n={min_n}..{max_n}, g={draft_len}{'+' if adaptive else ''}"
-                     f"{', frequent' if policy == 'frequent' else ''}{', scan' if lookup == 'scan' else ''})")
+                     f"{', frequent' if policy == 'frequent' else ''}{', scan' if lookup == 'scan' else ''}"
+                     f"{backoff})")
         self.reset([])
 
     def reset(self, prompt_ids) -> None:
@@ -179,20 +232,32 @@ class NgramProposer:
         self.g = self.draft_len              # the current draft length (changes only when adaptive)
         self.last_draft: list[int] = []
         self.last_len = 0                    # context length when last_draft was proposed
+        # back-off state, per request: acceptance per match length n, and the last candidate
+        self.tally = AcceptanceTally()
+        self.candidate: list[int] = []       # the whole lookup result of the last step (sent or not)
+        self.candidate_n = 0                 # its match length
+        self.last: dict = {}                 # what the last back-off choice was (for the chapter)
 
     def _adapt(self, tokens: list[int]) -> None:
         """Grow g after a fully accepted draft, shrink it after a rejection (no draft: no change)."""
         if not self.last_draft:
             return
-        appended = tokens[self.last_len:]          # accepted draft tokens + the bonus token
-        accepted = 0
-        while accepted < len(self.last_draft) and accepted < len(appended) \
-                and appended[accepted] == self.last_draft[accepted]:
-            accepted += 1
+        accepted, _ = check_candidate(self.last_draft, tokens[self.last_len:])
         if accepted == len(self.last_draft):
             self.g = min(self.g + 1, self.max_draft_len)
         else:
             self.g = max(1, self.g - 1)
+
+    def _back_off(self, tokens: list[int], candidate: list[int]) -> list[int]:
+        """Learn from the last candidate, then send the part of this one that pays (maybe none)."""
+        if self.candidate:
+            self.tally.add(self.candidate_n, *check_candidate(self.candidate, tokens[self.last_len:]))
+        n = self.index.match_len() if candidate else 0
+        a = self.tally.estimate(n, prior_acceptance(n))
+        g = choose_draft_len(a, len(candidate), self.costs)
+        self.candidate, self.candidate_n = candidate, n
+        self.last = dict(match_len=n, a=a, candidate=len(candidate), draft_len=g)
+        return candidate[:g]
 
     def propose(self, ctx) -> Draft:
         tokens = ctx.tokens
@@ -205,10 +270,13 @@ class NgramProposer:
         else:
             scan = scan_recent if self.policy == "recent" else scan_frequent
             draft = scan(tokens, g, self.max_n, self.min_n, self.eos) if g > 0 else []
+        if self.costs is not None:
+            draft = self._back_off(tokens, draft)
         self.last_draft, self.last_len = draft, len(tokens)
         return Draft.chain(draft)
 
 
 def build(models=None, draft_len: int = 4, max_n: int = 3, min_n: int = 1, policy: str = "recent",
-          adaptive: bool = False, max_draft_len: int | None = None, lookup: str = "index", eos_ids=EOS_IDS):
-    return NgramProposer(draft_len, max_n, min_n, policy, adaptive, max_draft_len, lookup, eos_ids)
+          adaptive: bool = False, max_draft_len: int | None = None, lookup: str = "index", eos_ids=EOS_IDS,
+          cost_curve=None):
+    return NgramProposer(draft_len, max_n, min_n, policy, adaptive, max_draft_len, lookup, eos_ids, cost_curve)

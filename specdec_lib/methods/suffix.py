@@ -19,6 +19,15 @@ output in the global cache. If you do not, `reset` of the next request adds the 
 as far as the proposer saw it (all but the last step's tokens). The harness in experiments.py
 calls `observe` after every request.
 
+Back-off (cost_curve=...): the counts say how often a continuation followed in the text, not
+how often the target will agree. A tally per (trie, match length) learns a factor a, "the target
+follows a continuation of count-probability r with probability a * r", from every step: the
+last step's trees (all their nodes, sent or not) are walked along the tokens the target wrote.
+A node's path is then accepted with probability a^depth * (its count probability), and the
+proposer sends the best-first prefix of k nodes (maybe none) that maximises expected tokens per
+verify cost, E(k) / c(k + 1), on this machine's curve. Like the global cache, the tally carries
+over between requests.
+
 A trie of depth D: every substring of length <= D of the inserted sequences is a path from the
 root, and its node counts how often it occurs. [1, 2, 1, 2] with D = 2:
     1 (2) ── 2 (2)          2 (2) ── 1 (1)
@@ -31,6 +40,7 @@ from collections import deque
 
 import torch
 
+from ..costmodel import AcceptanceTally, best_prefix, cost_list
 from ..tree import Draft
 
 
@@ -165,13 +175,65 @@ def grow_tree(node: Node, budget: int, min_token_prob: float) -> tuple[list[int]
     return tokens, parents, probs
 
 
+def tree_gains(parents: list[int], probs: list[float], a: float) -> list[float]:
+    """gains[k] = expected tokens emitted when the first k nodes (best-first order) are sent:
+    1 (the bonus token) + the sum over those nodes of a^depth * (the node's count probability).
+
+    The tree of grow_tree's docstring, parents [-1, 0, -1], probs [0.8, 0.6, 0.2], a = 0.5
+    -> [1, 1.4, 1.55, 1.65] (0.5 * 0.8, then 0.25 * 0.6, then 0.5 * 0.2).
+    """
+    depth, gains = [], [1.0]
+    for parent, p in zip(parents, probs):
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+        gains.append(gains[-1] + a ** depth[-1] * p)
+    return gains
+
+
+def check_tree(tokens: list[int], parents: list[int], probs: list[float], appended: list[int]
+               ) -> tuple[int, float]:
+    """(accepted, tried): walk a candidate tree along the tokens the target wrote since.
+
+    At each level the target's token is one of the children there (accepted += 1, go down) or not
+    (stop); tried += the count probability r of those children (r = p(child) / p(parent)). If
+    the target follows a child with probability a * r, accepted / tried estimates a; a chain
+    (every r = 1) counts like ngram.check_candidate. The tree above, target wrote [a, c]: level 1
+    tried 0.8 + 0.2 = 1, a accepted; level 2 tried 0.6 / 0.8 = 0.75, c is no child -> (1, 1.75).
+    """
+    accepted, tried, node = 0, 0.0, -1
+    for t in appended:
+        kids = [i for i, p in enumerate(parents) if p == node]
+        if not kids:
+            break
+        tried += sum(probs[i] for i in kids) / (probs[node] if node >= 0 else 1.0)
+        node = next((i for i in kids if tokens[i] == t), None)
+        if node is None:
+            break
+        accepted += 1
+    return accepted, tried
+
+
+def match_bucket(source: str, m: int) -> tuple[str, int]:
+    """The tally's bucket: the trie and the match length in powers of two (1, 2-3, 4-7, 8+), few
+    enough buckets that each fills within a few steps, while longer matches (more trustworthy)
+    keep their own estimate."""
+    return source, min(m.bit_length(), 4)
+
+
+def prior_acceptance(bucket: tuple[str, int]) -> float:
+    """The factor a to assume for a bucket before any evidence, by its match-length class (1, 2-3,
+    4-7, 8+): measured by exact replay of the real Qwen2.5-7B's greedy outputs (data/qwen25_7b_greedy,
+    eval60, warm cache, both tries alike): 0.35, 0.5, 0.63, 0.96, rounded. Other model, other prompts
+    than the Spec-Bench runs it is used on; evidence outweighs it within a few steps."""
+    return (0.35, 0.5, 0.65, 0.95)[bucket[1] - 1]
+
+
 class SuffixProposer:
     hidden_layers = ()
     name = "suffix"
 
     def __init__(self, draft_len: int = 16, max_spec_factor: float = 1.0, min_token_prob: float = 0.1,
                  max_depth: int = 24, max_match: int | None = None, cache_size: int = 20_000,
-                 use_request: bool = True):
+                 use_request: bool = True, cost_curve=None):
         if draft_len < 1:
             raise ValueError(f"draft_len (the hard cap on tree nodes) must be >= 1, got {draft_len}")
         if max_spec_factor <= 0:
@@ -194,6 +256,14 @@ class SuffixProposer:
         self._prompt_len = 0
         self._pending: list[int] | None = None         # output not yet learned into the global cache
         self.last: dict = {}                           # what the last propose did (for the chapter)
+        # back-off (None: send every tree whole): [c(1), ..., c(draft_len + 1)], the acceptance
+        # tally (kept across requests), the last step's candidate trees and context length
+        self.costs = None if cost_curve is None else cost_list(cost_curve, draft_len + 1)
+        if cost_curve is not None:
+            self.name = f"suffix(backoff={cost_curve if isinstance(cost_curve, str) else 'curve'})"
+        self.tally = AcceptanceTally()
+        self._trees: list[dict] = []
+        self._last_len = 0
 
     # -- global cache ------------------------------------------------------------------------
     @property
@@ -222,6 +292,7 @@ class SuffixProposer:
         self.request_trie = SuffixTrie(self.max_depth)
         self._open = self.request_trie.extend(prompt) if self.use_request else []
         self._seen, self._prompt_len, self._pending = prompt, len(prompt), None
+        self._trees = []                               # last request's trees say nothing about this one
 
     def _sync(self, tokens: list[int]) -> None:
         """Insert the tokens accepted since the last call (the loop does not call us back)."""
@@ -236,7 +307,7 @@ class SuffixProposer:
     def propose(self, ctx) -> Draft:
         tokens = list(ctx.tokens)
         self._sync(tokens)
-        best = None
+        trees = []                                     # one candidate tree per trie with a match
         for source, trie in (("request", self.request_trie), ("global", self.global_trie)):
             m, node = longest_match(trie, tokens, self.max_match)
             if m == 0:
@@ -244,15 +315,39 @@ class SuffixProposer:
             budget = min(self.draft_len, ctx.max_draft, math.floor(self.max_spec_factor * m))
             toks, parents, probs = grow_tree(node, budget, self.min_token_prob)
             score = sum(probs)                         # expected accepted tokens, by the counts
-            if toks and (best is None or score > best["score"]):
-                best = dict(source=source, match_len=m, score=score, tokens=toks, parents=parents, probs=probs)
+            if toks:
+                trees.append(dict(source=source, match_len=m, score=score, tokens=toks, parents=parents,
+                                  probs=probs))
+        if self.costs is None:
+            best = max(trees, key=lambda t: t["score"], default=None)     # ties: the request trie's
+        else:
+            best = self._back_off(tokens, trees)
         self.last = best or {}
         if best is None:
             return Draft.empty()
         return Draft(torch.tensor(best["tokens"], dtype=torch.long), torch.tensor(best["parents"], dtype=torch.long))
 
+    def _back_off(self, tokens: list[int], trees: list[dict]) -> dict | None:
+        """Learn from the last step's trees, then keep the prefix (of either tree) with the most
+        expected tokens per verify cost; None when no prefix beats an ordinary step, 1 / c(1)."""
+        for t in self._trees:
+            self.tally.add(t["key"], *check_tree(t["tokens"], t["parents"], t["probs"], tokens[self._last_len:]))
+        best, best_rate = None, 1.0 / self.costs[0]
+        for t in trees:
+            t["key"] = match_bucket(t["source"], t["match_len"])
+            a = self.tally.estimate(t["key"], prior_acceptance(t["key"]))
+            gains = tree_gains(t["parents"], t["probs"], a)
+            k = best_prefix(gains, self.costs)
+            if k and gains[k] / self.costs[k] > best_rate:
+                best, best_rate = dict(t, a=a, candidates=len(t["tokens"]), score=gains[k] - 1,
+                                       tokens=t["tokens"][:k], parents=t["parents"][:k],
+                                       probs=t["probs"][:k]), gains[k] / self.costs[k]
+        self._trees, self._last_len = trees, len(tokens)     # whole trees: checked next step
+        return best
 
-OPTIONS = ("draft_len", "max_spec_factor", "min_token_prob", "max_depth", "max_match", "cache_size", "use_request")
+
+OPTIONS = ("draft_len", "max_spec_factor", "min_token_prob", "max_depth", "max_match", "cache_size", "use_request",
+           "cost_curve")
 
 
 def build(models=None, **options) -> SuffixProposer:
