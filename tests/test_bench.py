@@ -1,6 +1,7 @@
 """The benchmark runner and the cost model on exact, tiny cases (no timing is asserted)."""
 import pytest
 
+from specdec_lib import experiments
 from specdec_lib.experiments import run_benchmark
 from specdec_lib.costmodel import expected_tokens_per_step, predicted_speedup, relative_cost, replay_speedup
 from specdec_lib.data import load_prompt_set
@@ -70,3 +71,16 @@ def test_sweep_and_workload_share_one_harness(tiny_models):
     # the second request repeats the first: its output is in the suffix cache, so it is replayed exactly
     rep = replay_summary(make_proposer("suffix"), prompts * 2, work["outputs"], {"k": [1, 2], "relative_time": [1, 1]})
     assert rep["n_prompts"] == 2 and rep["new_tokens"] == 12 and rep["acceptance_rate"] > 0
+
+
+def test_compare_repeats_keep_the_fastest_run_of_the_same_tokens(tiny_models):
+    from specdec_lib import data
+    from specdec_lib.methods import make_proposer
+    prompts = data.spec_bench(tiny_models.tokenizer, "qa", limit=2)
+    arms = [experiments.Arm("ngram", experiments.fixed(make_proposer("ngram", tiny_models)))]
+    once = experiments.compare(tiny_models, arms, prompts, 8, progress=False)
+    thrice = experiments.compare(tiny_models, arms, prompts, 8, progress=False, repeats=3)
+    for label in ("baseline", "ngram"):
+        assert [o.tokens for o in once[label]] == [o.tokens for o in thrice[label]]
+    with pytest.raises(ValueError, match="repeats"):
+        experiments.compare(tiny_models, arms, prompts, 8, progress=False, repeats=0)
