@@ -8,6 +8,8 @@ One run, one machine, batch 1, greedy:
 - each method of --methods (name[:key=value[:key=value...]], comma-separated, e.g.
   `draft_model:draft_len=4,ngram,suffix:cache_size=0,suffix,medusa:budget=32`), built with
   make_proposer(name, models, **options); the target's graphs return the hidden layers the methods need;
+  n-gram and suffix back off on this run's own measured curve with `cost_curve=runner`
+  (e.g. `ngram:draft_len=4:max_n=3:cost_curve=runner`), or on a stored one by name;
 - transformers' `generate`, assisted generation (the draft) and prompt lookup on the same weights
   (--peer-prompts per set, --peer-tokens each) against our baseline on the same prompts and length;
 - the cost curves of both runners in the same run, so each method's measured speedup is set
@@ -205,7 +207,14 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     # 2. proposers first: their hidden layers decide what the target's graphs return
     drafters = {}      # PARD: one merged drafter (adapter folded into the 0.5B) in its own graphs, shared by every k
 
+    run_costs = []     # filled once the target's graphs exist: c(T) of a T-token step, as this run pays it
+
     def build(name, options):
+        if options.get("cost_curve") == "runner":
+            # back-off (n-gram, suffix) on the cost curve measured in this very run, bucket padding included
+            if not run_costs:
+                raise ValueError("cost_curve=runner is only known once the target's graphs are captured")
+            options = dict(options, cost_curve=run_costs)
         if name == "draft_model":
             return make_proposer(name, models, draft=GraphDraft(draft_runner),
                                  target_vocab=target.config.vocab_size, **options)
@@ -230,7 +239,10 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
             print(f"!! {label} failed and is dropped from the rest of the run: {e!r}")
             return None
 
-    proposers = {label: attempt(label, build, name, opts) for label, name, opts in methods if name != "oracle"}
+    # proposers on the run's own curve are built after the target's graphs: they read no hidden layers
+    later = [m for m in methods if m[2].get("cost_curve") == "runner"]
+    proposers = {label: attempt(label, build, name, opts) for label, name, opts in methods
+                 if name != "oracle" and (label, name, opts) not in later}
     proposers = {k: v for k, v in proposers.items() if v is not None}
     stamp(f"{len(proposers)} proposers built")
     layers = sorted({h for p in proposers.values() for h in getattr(p, "hidden_layers", ())})
@@ -241,6 +253,13 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     stamp("target's graphs captured")
     run = dict(forward=runner, kv_len=max_len, cache=runner.cache)
     curves = {"target": runner_curve(runner), "draft": runner_curve(draft_runner)}
+    run_costs += [step_cost(curves["target"], runner, T) for T in range(1, 66)]   # drafts up to 64 tokens
+    for label, name, opts in later:
+        prop = attempt(label, build, name, opts)
+        if prop is not None:
+            proposers[label] = prop
+    if later:
+        stamp(f"{len(later)} proposers on this run's cost curve built")
     # a method keeping state across requests (suffix's global cache) gets a fresh instance per prompt set
     per_set = {label: {} for label, p in proposers.items() if hasattr(p, "observe")}
     base = make_proposer("baseline")

@@ -73,3 +73,17 @@ def test_fast_forward_on_cpu_is_the_plain_path(tiny_target):
     ref = generate(tiny_target, make_proposer("baseline"), prompt, 8).tokens
     assert generate(tiny_target, make_proposer("baseline"), prompt, 8, forward=forward, cache=cache,
                     kv_len=kv_len).tokens == ref
+
+
+def test_live_backoff_on_this_runs_curve():
+    """cost_curve=runner: n-gram and suffix back off on the curve measured in the same run (built after the
+    target's graphs), and stay lossless."""
+    models = load_profile("tiny", "cpu", torch.float32)
+    sets = {"agentic:dataclass": repeated_workload(models.tokenizer, 2)}
+    methods = parse_methods("ngram:draft_len=4:cost_curve=runner,suffix:cost_curve=runner")
+    out = live(models, methods, sets, new_tokens=10, peer_prompts=0, oracle_prompts=0, buckets=(1, 2, 4, 8),
+               progress=False)
+    rows = {s["method"]: s for s in out["summaries"]}
+    for label, *_ in methods:
+        assert rows[label]["greedy_match_rate"] == 1.0 and rows[label]["n_prompts"] == 2, label
+    assert not out["run"].get("errors")
