@@ -197,8 +197,9 @@ def speedup_spread(baseline, method, n_boot: int = 2000, level: float = 0.95, se
 
 def format_spread(s: dict) -> str:
     """'1.42x (95% CI 1.31-1.55, 8 prompts)' for prose and tables."""
+    n = s["n_prompts"]
     return (f"{s['speedup']:.2f}x ({round(100 * s['level'])}% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}, "
-            f"{s['n_prompts']} prompts)")
+            f"{n} prompt{'' if n == 1 else 's'})")
 
 
 def check_summary(summary: dict) -> None:
