@@ -181,6 +181,7 @@ def plot_categories(summaries: list[dict], method: str | None = None, title: str
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
         ax.set_ylabel(name)
     right.axhline(1.0, color="0.4", lw=0.8, ls=":")
+    left.set_ylim(0, 1.05)          # a rate: the same scale on every figure (and no +-0.04 axis when all are 0)
     fig.suptitle(title or "acceptance and throughput by task")
     _legend_below(fig, [left], ncol=min(3, len(methods)) or 1)
     return fig
