@@ -43,7 +43,7 @@ from .decoding import generate
 from .methods import make_proposer
 from .metrics import check_summary, summarize, write_json
 from .models import EOS_IDS, Models, load_profile
-from .timing import cuda_time
+from .timing import cuda_time, phase_printer
 
 RESULTS = Path(__file__).resolve().parent.parent / "chapters" / "results"
 # where each method's rows go (a method not listed here: "live_<name>")
@@ -191,8 +191,7 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     deadline (time.time() value): no round starts that would, at the longest round's pace, end after it."""
     t_setup = time.time()
     # setup phases printed as they end: compiling and capturing graphs takes minutes on a fresh GPU machine
-    stamp = (lambda what: print(f"[setup {time.time() - t_setup:6.1f} s] {what}", flush=True)) if progress \
-        else (lambda what: None)
+    stamp = phase_printer("setup ", enabled=progress)
     target, draft = models.target, models.draft
     on_gpu = target.device.type == "cuda"
     longest = max(len(p.prompt_ids) for ps in sets.values() for p in ps)

@@ -125,19 +125,26 @@ def sample_batch(model, prompts: list[list[int]], max_new: int, temperature: flo
     return [out[b, :int(lengths[b])].tolist() for b in range(B)]
 
 
+def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length (sorted by length: little padding in a batch).
+
+    [[1, 2, 3], [4], [5, 6]], batch_size 2 -> [[1, 2], [0]]
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def generate_all(model, prompts: list[list[int]], max_new: int, temperature: float, seed: int,
                  batch_size: int, desc: str = "", progress: bool = True, budget_s: float | None = None) -> list[list[int]]:
     """sample_batch over many prompts, sorted by length (less padding), results in input order.
     With `budget_s`, no new batch starts after that many seconds: the prompts left get no answer ([])."""
     from tqdm.auto import tqdm
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
     t0 = time.time()
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+    for idx in tqdm(length_batches(prompts, batch_size), desc=desc, disable=not progress):
         if budget_s is not None and time.time() - t0 > budget_s:
             break
-        idx = order[s:s + batch_size]
         for i, r in zip(idx, sample_batch(model, [prompts[i] for i in idx], max_new, temperature, gen)):
             out[i] = r
     return out
@@ -297,8 +304,7 @@ def responses(model, prompts, sources, max_new, temperatures, seed, batch_size, 
     Returns (sequences, start time).
     """
     from tqdm.auto import tqdm
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = length_batches(prompts, batch_size)
     rng = np.random.default_rng(seed)
     batches = [batches[i] for i in rng.permutation(len(batches))]
     gens = [torch.Generator(device=model.device).manual_seed(seed + 1 + j) for j in range(len(temperatures))]

@@ -337,6 +337,7 @@ def main(argv=None):
     from .checkpoint import checkpoint_path
     from .models import load_profile
     from .selfdistill import load_data
+    from .timing import phase_printer
     options = {}
     for kv in a.option:
         k, _, v = kv.partition("=")
@@ -347,9 +348,7 @@ def main(argv=None):
     config = {k: getattr(a, k) for k in ("steps", "batch_size", "max_len", "lr", "warmup", "eval_every", "seed",
                                          "time_budget_s")
               if getattr(a, k) is not None}
-    t0 = time.perf_counter()
-    # where the time goes outside the loop (on a leased GPU every minute counts): printed as it happens
-    stamp = lambda what: print(f"[{time.perf_counter() - t0:6.1f} s] {what}", flush=True)  # noqa: E731
+    stamp = phase_printer()             # where the time goes outside the loop, printed as it happens
     models = load_profile(a.profile)
     stamp(f"models loaded ({models.profile}, {models.device})")
     data = load_data(models, a.data)
