@@ -283,14 +283,16 @@ def read_data(folder) -> SelfDistillData:
     if sha256(folder / "tokens.npz") != manifest["sha256"]:
         raise ValueError(f"{folder}/tokens.npz does not match its manifest's sha256: regenerate it "
                          f"(python -m specdec_lib.selfdistill --profile {manifest.get('profile', 'small')})")
-    z = np.load(folder / "tokens.npz")
-    ends = np.cumsum(z["lengths"])
-    starts = ends - z["lengths"]
-    parts = [z["ids"][a:b].astype(np.int64).tolist() for a, b in zip(starts, ends)]
+    # Read each array out of the npz ONCE: every z["ids"] decompresses the whole array again, which for
+    # 2M tokens and ~25k slices turned a one-second read into many minutes.
+    with np.load(folder / "tokens.npz") as z:
+        ids, lengths, source, temperature = (z[k] for k in ("ids", "lengths", "source", "temperature"))
+    ends = np.cumsum(lengths)
+    parts = [x.tolist() for x in np.split(ids.astype(np.int64), ends[:-1])] if len(lengths) else []
     seqs = []
     for i in range(len(parts) // 2):
         p, r = parts[2 * i], parts[2 * i + 1]
-        seqs.append(Sequence(p, r, manifest["sources"][int(z["source"][i])], float(z["temperature"][i]), prompt_key(p)))
+        seqs.append(Sequence(p, r, manifest["sources"][int(source[i])], float(temperature[i]), prompt_key(p)))
     return SelfDistillData(seqs, manifest)
 
 
