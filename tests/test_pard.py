@@ -150,6 +150,22 @@ def test_merged_weights_equal_the_adapter():
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, draft.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_merged_inside_inference_mode_survives_fusing():
+    """bench_live builds the drafter inside inference mode, then the fused GPU path rebinds q/k/v's .data
+    (kernels.one_copy). Inference-tensor copies made that fail at the first plain forward on the H200."""
+    from specdec_lib.kernels import one_copy
+    cfg = toy_config(20)
+    draft = random_model(cfg, seed=4, std=0.4)
+    ad = random_adapter(cfg, max_depth=4)
+    with torch.inference_mode():
+        merged = pard.merged_model(draft, ad)
+        a = merged.model.layers[0].self_attn
+        assert not a.q_proj.weight.is_inference()
+        before = a.q_proj(torch.ones(1, cfg.hidden_size))
+        one_copy([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        torch.testing.assert_close(a.q_proj(torch.ones(1, cfg.hidden_size)), before)
+
+
 @torch.no_grad()
 def test_one_forward_equals_k_separate_masked_predictions():
     cfg = toy_config(20)

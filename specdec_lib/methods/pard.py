@@ -239,12 +239,15 @@ def merged_model(draft: Qwen2, adapter: PardAdapter) -> Qwen2:
     (about 1 GB in bf16 for the 0.5B); unchanged ones (norms, unadapted projections) stay shared.
     With tied embeddings the LM head rows of the mask ids change too: the proposer never proposes them.
     """
-    changed = {id(draft.model.embed_tokens.weight)}
-    for block, loras in zip(draft.model.layers, adapter.layers):
-        for name in loras:
-            changed.add(id(getattr(getattr(block, PROJECTIONS[name]), name).weight))
-    model = copy.deepcopy(draft, memo={id(p): p for p in draft.parameters() if id(p) not in changed})
-    with torch.no_grad():
+    # subtle: built outside inference mode even when called inside it (bench_live.live is): the copies
+    # would otherwise be inference tensors, and the fused GPU path (kernels.one_copy) rebinds their .data
+    # to a normal tensor, after which a plain forward fails ("Inference tensors do not track version counter")
+    with torch.inference_mode(False), torch.no_grad():
+        changed = {id(draft.model.embed_tokens.weight)}
+        for block, loras in zip(draft.model.layers, adapter.layers):
+            for name in loras:
+                changed.add(id(getattr(getattr(block, PROJECTIONS[name]), name).weight))
+        model = copy.deepcopy(draft, memo={id(p): p for p in draft.parameters() if id(p) not in changed})
         for block, loras in zip(model.model.layers, adapter.layers):
             for name, lora in loras.items():
                 w = getattr(getattr(block, PROJECTIONS[name]), name).weight          # [out, in], a copy
