@@ -495,6 +495,33 @@ def pooled(summaries, sets) -> dict[str, dict]:
             for m, a in acc.items()}
 
 
+def decode_pooled(summaries, run: dict, sets, method: str) -> dict:
+    """`method` against the baseline over the prompts of `sets`, decode steps only (no prefill, no
+    set-up), in units of the run's one-token target step t(1) = run["curves"]["target"]["time_s"][0].
+
+    measured: the baseline's decode seconds / the method's; tau: tokens per target step; base_step: the
+    baseline's seconds per step / t(1) (1 = the loop adds nothing to a forward). With the rows'
+    predicted_speedup (tau / (proposer + c(nodes + 1)) from the run's own curves), also: proposer and c
+    (t(1) units per step, c = everything but the proposer), predicted, and eff = measured / predicted
+    (1 = the loop costs nothing beyond the cost model; below 1 = overhead the model does not see).
+    """
+    t1 = run["curves"]["target"]["time_s"][0]
+    rows, base = ([s for s in summaries if s["method"] == m and s["prompt_set"] in sets]
+                  for m in (method, "baseline"))
+    if not rows or not base:
+        raise ValueError(f"no rows for {method!r} or the baseline in {sets}")
+    dec_s = lambda ss: sum(s["propose_s"] + s["verify_s"] for s in ss)  # noqa: E731
+    steps, toks = sum(s["steps"] for s in rows), sum(s["new_tokens"] for s in rows)
+    out = dict(measured=dec_s(base) / dec_s(rows), tau=toks / steps,
+               base_step=dec_s(base) / sum(s["steps"] for s in base) / t1)
+    if all(s.get("predicted_speedup") for s in rows):
+        cost = sum(s["new_tokens"] / s["predicted_speedup"] for s in rows)   # in t(1)
+        prop = sum(s["propose_s"] for s in rows) / t1
+        out.update(proposer=prop / steps, c=(cost - prop) / steps, predicted=toks / cost,
+                   eff=out["measured"] * cost / toks)
+    return out
+
+
 def pooled_table(summaries, groups: dict, methods=None) -> str:
     """pooled() for each group of prompt sets ({'Spec-Bench (6 categories)': [...], ...}) as one table."""
     lines = [f"{'prompts':<28}{'method':<34}{'n':>3}{'tok/s':>8}{'speedup':>8}{'tau':>6}{'same':>6}{'prop ms':>8}"]

@@ -105,9 +105,11 @@ def machine_name(device="cpu") -> str:
 
 
 def profile_from_env(profile: str | None = None) -> str:
-    """The profile to use: the explicit argument if given, else $SPECDEC_PROFILE, else qwen7b on a
-    GPU and small on a CPU."""
-    name = profile or os.environ.get("SPECDEC_PROFILE") or ("qwen7b" if torch.cuda.is_available() else "small")
+    """The profile to use: the explicit argument if given, else $SPECDEC_PROFILE, else the one the
+    chapters' install cell picks for this machine (setup_env.pick_profile: qwen7b on a GPU with
+    enough memory for the 7B pair, small on a smaller GPU or a CPU)."""
+    from .setup_env import gpu_memory_gib, pick_profile
+    name = profile or pick_profile(gpu_memory_gib=gpu_memory_gib())[0]
     if name not in PROFILES:
         source = "argument" if profile else "SPECDEC_PROFILE"
         raise ValueError(f"unknown profile {name!r} ({source}): choose one of {', '.join(PROFILES)}")

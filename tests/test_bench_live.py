@@ -87,3 +87,22 @@ def test_live_backoff_on_this_runs_curve():
     for label, *_ in methods:
         assert rows[label]["greedy_match_rate"] == 1.0 and rows[label]["n_prompts"] == 2, label
     assert not out["run"].get("errors")
+
+
+def test_decode_pooled_hand_made():
+    """Two prompts; the baseline takes 1 ms per token, the method 4 steps of 1 ms for 8 tokens each."""
+    from specdec_lib.bench_live import decode_pooled
+    run = {"curves": {"target": {"time_s": [0.001]}}}
+    base = [dict(method="baseline", prompt_set=s, propose_s=0.0, verify_s=0.008, steps=8, new_tokens=8)
+            for s in ("a", "b")]
+    meth = [dict(method="m", prompt_set=s, propose_s=0.002, verify_s=0.002, steps=4, new_tokens=8,
+                 predicted_speedup=1.0) for s in ("a", "b")]
+    d = decode_pooled(base + meth, run, ["a", "b"], "m")
+    assert d["measured"] == pytest.approx(2.0) and d["tau"] == pytest.approx(2.0)
+    assert d["base_step"] == pytest.approx(1.0)
+    # predicted 1.0 -> cost 8 t(1) per prompt: proposer 0.5 t(1) per step, c = 1.5, eff = 2 / 1
+    assert d["predicted"] == pytest.approx(1.0) and d["proposer"] == pytest.approx(0.5)
+    assert d["c"] == pytest.approx(1.5) and d["eff"] == pytest.approx(2.0)
+    assert "predicted" not in decode_pooled(base + [dict(meth[0], predicted_speedup=None)], run, ["a"], "m")
+    with pytest.raises(ValueError, match="no rows"):
+        decode_pooled(base, run, ["a"], "m")

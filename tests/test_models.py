@@ -72,6 +72,16 @@ def test_explicit_profile_wins_over_the_environment(monkeypatch):
         m.profile_from_env("huge")
 
 
+def test_default_profile_is_the_install_cells_choice(monkeypatch):
+    """Without SPECDEC_PROFILE, a command picks what the chapters' install cell picks: qwen7b only
+    on a GPU that holds the 7B pair."""
+    from specdec_lib import setup_env
+    monkeypatch.delenv("SPECDEC_PROFILE", raising=False)
+    for gib, want in ((None, "small"), (15.0, "small"), (setup_env.QWEN7B_MIN_GIB, "qwen7b")):
+        monkeypatch.setattr(setup_env, "gpu_memory_gib", lambda gib=gib: gib)
+        assert m.profile_from_env() == want
+
+
 def test_missing_small_weights_are_never_replaced(monkeypatch, tmp_path):
     """SPECDEC_PROFILE=tiny must not turn load_profile('small') into random models; the error names
     the command and the folder variable."""

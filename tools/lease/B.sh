@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train one learned proposer on the committed self-distilled data and bring back its checkpoint and log.
+#   bash tools/lease/B.sh eagle3 300            # method, time budget of the loop in seconds
+#   bash tools/lease/B.sh pard 200 --steps 400  # anything after the budget goes to specdec_lib.train
+# Budget the call: ~10 s to load, the loop, then ~20 s of final evaluation and saving. $OUT/train_<m>.tgz.
+source "$(dirname "$0")/env.sh"
+use_new_checkpoints   # another method retrained earlier in this lease
+m=$1 budget=$2
+shift 2
+exec > "$OUT/B_$m.log" 2>&1
+stamp start
+$PY -m specdec_lib.train "$m" --profile "$P" --time-budget-s "$budget" "$@"
+stamp done
+mkdir -p ~/ckpt && cp specdec_lib/assets/checkpoints/$m-$P.safetensors ~/ckpt/
+pack "train_$m" specdec_lib/assets/checkpoints/$m-$P.safetensors chapters/results/*/train_${m}_$P.json
