@@ -169,12 +169,17 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     max_len: KV cache slots (default prompt + max_new_tokens + 64). forward: optional replacement
     for target.forward with the same signature (e.g. a CUDA-graph runner); it receives its step
     inputs on the CPU and moves them itself. kv_len: attend over this many cache slots every step
-    (static shapes) instead of L + T. cache: reuse this KVCache (a CUDA-graph runner owns one)
-    instead of allocating one (then max_len is its size). Bad arguments: check_inputs' ValueErrors.
+    (static shapes) instead of L + T; L + T is the default on a CPU, the whole cache on a GPU. cache:
+    reuse this KVCache (a CUDA-graph runner owns one) instead of allocating one (then max_len is its
+    size). Bad arguments: check_inputs' ValueErrors.
     """
     prompt, params, eos, max_len = check_inputs(target, prompt_ids, max_new_tokens, temperature, top_p, seed,
                                                 eos_ids, max_len, kv_len, cache)
     device = target.device
+    if kv_len is None and forward is None and torch.device(device).type == "cuda":
+        # subtle: on a GPU the eager path attends over the whole cache too. A width of L + T is a new
+        # attention shape every step, and SDPA's cuDNN backend (Hopper) builds a graph per new shape.
+        kv_len = max_len                          # (the cache's size when a cache is given)
     inputs_on = device if forward is None else "cpu"
     forward = forward or target.forward
     generator = torch.Generator(device=device).manual_seed(seed)

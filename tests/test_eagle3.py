@@ -227,6 +227,20 @@ def test_greedy_output_equals_baseline(tiny):
         assert len(sampled.tokens) == 12
 
 
+def test_drafter_attention_width_is_static(tiny):
+    """Every drafter forward of a generation (context reads and tree levels) attends over the whole
+    cache: one mask width for all steps, so a GPU never meets a new attention shape as L grows."""
+    prop = make_proposer("eagle3", tiny, top_k=2, depth=3, total_tokens=6)
+    widths, forward = [], prop.drafter.forward
+
+    def spy(feature, token_emb, pos, k_cache, v_cache, slots, mask):
+        widths.append(mask.shape[-1])
+        return forward(feature, token_emb, pos, k_cache, v_cache, slots, mask)
+    prop.drafter.forward = spy
+    generate(tiny.target, prop, list(range(300, 340)), 24)
+    assert len(widths) > 10 and set(widths) == {prop.cache.max_len}
+
+
 def test_train_metrics_per_step(tiny):
     learner = eagle3.learner(tiny, ttt_steps=2)
     from specdec_lib.train import batches, teacher_forward

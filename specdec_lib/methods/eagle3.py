@@ -504,7 +504,10 @@ class Eagle3Proposer:
         dev = self.head.device
         g = self.drafter.fuse_features([hidden[l][None].to(self.head.dtype) for l in self.hidden_layers])
         ids = torch.tensor(tokens[start + 1:L + 1], device=dev)
-        pos, slots, mask = chain_inputs(start, n, device=dev)
+        # subtle: the mask spans the whole cache (columns past L are never visible), as in feed():
+        # a width that grows every step is a new attention shape every step, and on an H100/H200
+        # SDPA's cuDNN backend builds a new graph per shape (tens of ms, more than the step itself)
+        pos, slots, mask = chain_inputs(start, n, kv_len=self.cache.max_len, device=dev)
         a = self.drafter(g, self.embed[ids][None], pos, self.cache.k[0], self.cache.v[0], slots, mask)
         self.length = L
         return a[0, -1:]

@@ -1,0 +1,66 @@
+"""Does a new attention width cost a new kernel plan? SDPA with a mask, growing width vs fixed width.
+
+    python tools/sdpa_shape_cost.py [--rows 7] [--steps 60]
+
+A decode loop whose mask is [T, L + T] asks for a new shape every step (L grows); one whose mask spans
+the whole cache asks for the same shape every step. On a CPU both cost the same. On a GPU whose SDPA
+picks cuDNN (Hopper: H100, H200), a new sequence length means a new cuDNN graph (PyTorch PR 155958
+made avoiding that an opt-in), which can cost more than the step itself. Written because EAGLE-3's
+proposer took 11-60 ms per step live on the H200 while Medusa's took 0.7 ms: EAGLE-3 read the new
+context with a growing mask width (fixed since), Medusa runs no attention. Prints the median time per
+call of each loop and the attention kernels the profiler saw.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+
+def timed_calls(q, k, v, widths, device) -> list[float]:
+    out = []
+    for S in widths:
+        mask = torch.zeros(q.shape[2], S, dtype=q.dtype, device=device)       # additive, all visible
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        F.scaled_dot_product_attention(q, k[:, :, :S], v[:, :, :S], attn_mask=mask, enable_gqa=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=7, help="query rows per call (a tree level, a few tokens)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--start", type=int, default=1000, help="context length at the first step")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    heads, kv_heads, hd, cap = 12, 2, 128, a.start + a.steps + 64          # the 1.5B's attention shapes
+    q = torch.randn(1, heads, a.rows, hd, device=device, dtype=dtype)
+    k = torch.randn(1, kv_heads, cap, hd, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, bf16, q [1, {heads}, {a.rows}, {hd}], {kv_heads} kv heads")
+    timed_calls(q, k, v, [cap] * 3, device)                                   # warm-up of the fixed shape
+    growing = timed_calls(q, k, v, range(a.start, a.start + a.steps), device)
+    fixed = timed_calls(q, k, v, [cap] * a.steps, device)
+    again = timed_calls(q, k, v, range(a.start, a.start + a.steps), device)  # the same widths, seen before
+    for label, ts in (("growing width (new every call)", growing), ("fixed width (the whole cache)", fixed),
+                      ("growing width, second pass", again)):
+        print(f"  {label:<34} median {statistics.median(ts):8.3f} ms, max {max(ts):8.3f} ms")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        timed_calls(q, k, v, range(a.start + a.steps, a.start + a.steps + 3), device)
+    names = sorted({e.key for e in prof.key_averages() if "attention" in e.key.lower() or "cudnn" in e.key.lower()
+                    or "flash" in e.key.lower() or "fmha" in e.key.lower()})
+    print("attention ops and kernels seen: " + ("; ".join(n[:70] for n in names) or "none"))
+
+
+if __name__ == "__main__":
+    main()
