@@ -7,7 +7,8 @@ proposer lives here, so every chapter measures the same way:
   process and with the same seed (interleaved, so drift in machine speed hits all arms alike),
   after one warm-up generation. `run_benchmark` (one method, the CLI of bench.py), `sweep` (one
   method over several draft lengths) and `run_workload` (a server-like request sequence where a
-  proposer learns from earlier outputs) are thin wrappers around it.
+  proposer learns from earlier outputs) are thin wrappers around it. Each takes `run=`, the fast
+  path of `fast_path` (CUDA graphs on a GPU; nothing on a CPU), built once and passed to every call.
 - `replay_summary`: exact greedy replay of a request sequence (no model; replay.py), with the
   speedup a measured cost curve predicts.
 - `to_transformers` / `time_transformers`: the same weights in transformers, for the reference
@@ -107,8 +108,22 @@ def fixed(proposer) -> Callable:
     return lambda prompt, baseline_tokens: proposer
 
 
+def fast_path(models, max_len: int, hidden_layers=()) -> dict:
+    """generate()'s keyword arguments for the target's fast path, to build ONCE per chapter and pass to
+    compare / run_benchmark / sweep / run_workload as `run=`: on a GPU, a captured GraphRunner
+    (CUDA graphs, fused kernels; ~1-2 minutes to capture) with its own cache of max_len slots,
+    returning the hidden layers a learned proposer reads; on a CPU, {} (the plain forward, nothing to
+    capture). max_len must hold the longest prompt + new tokens + the largest bucket (64)."""
+    if models.target.device.type != "cuda":
+        return {}
+    from .cuda_graphs import fast_forward
+    forward, cache, kv_len = fast_forward(models.target, max_len, hidden_layers)
+    return dict(forward=forward, cache=cache, kv_len=kv_len)
+
+
 def compare(models, arms: list[Arm], prompts, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-            desc: str = "", progress: bool = True, on_prompt: Callable | None = None, repeats: int = 1) -> dict:
+            desc: str = "", progress: bool = True, on_prompt: Callable | None = None, repeats: int = 1,
+            run: dict | None = None) -> dict:
     """For each prompt: the baseline, then every arm, all with seed + prompt index.
 
     A proposer with `observe` learns each request's output after it (suffix decoding's global
@@ -116,13 +131,15 @@ def compare(models, arms: list[Arm], prompts, max_new_tokens: int, temperature: 
     outputs = {label: GenerationResult} (baseline included), e.g. to time transformers in between.
     repeats > 1: every run is made that many times (same seed, so the same tokens) and the fastest
     kept, as `timeit` does: a busy machine only ever slows a run down, so the minimum is the
-    least disturbed measurement.
+    least disturbed measurement. run: generate()'s fast-path arguments from `fast_path` (every
+    arm and the baseline alike), None for the plain forward.
     Returns {label: [GenerationResult per prompt]}, the baseline under "baseline".
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    run = run or {}
     base = make_proposer("baseline")
-    generate(models.target, base, prompts[0].prompt_ids, 4, eos_ids=EOS_IDS)     # warm-up: allocation, kernels
+    generate(models.target, base, prompts[0].prompt_ids, 4, eos_ids=EOS_IDS, **run)   # warm-up: allocation, kernels
     runs = {"baseline": [], **{a.label: [] for a in arms}}
 
     def fastest(make_prop, p, i):
@@ -130,7 +147,7 @@ def compare(models, arms: list[Arm], prompts, max_new_tokens: int, temperature: 
         for _ in range(repeats):
             prop = make_prop()
             tries.append((generate(models.target, prop, p.prompt_ids, max_new_tokens, temperature,
-                                   seed=seed + i, eos_ids=EOS_IDS, prompt_id=p.prompt_id), prop))
+                                   seed=seed + i, eos_ids=EOS_IDS, prompt_id=p.prompt_id, **run), prop))
         return min(tries, key=lambda t: t[0].record.wall_s)
 
     for i, p in enumerate(tqdm(prompts, desc=desc or "vs baseline", disable=not progress)):
@@ -196,7 +213,7 @@ def method_arm(models, method: str, options: dict | None = None) -> Arm:
 
 def run_benchmark(models, method: str, prompt_set: str, prompts, max_new_tokens: int = 64,
                   temperature: float = 0.0, options: dict | None = None, transformers_generate: bool = False,
-                  seed: int = 0, progress: bool = True) -> dict:
+                  seed: int = 0, progress: bool = True, run: dict | None = None) -> dict:
     """Baseline and `method` on the same prompts; returns {'summaries': [...], 'records': [...]}.
 
     With transformers_generate, transformers' `generate` on the same weights and prompts is timed
@@ -215,7 +232,7 @@ def run_benchmark(models, method: str, prompt_set: str, prompts, max_new_tokens:
         hf_runs.append((toks, secs, toks == outs["baseline"].tokens))
 
     runs = compare(models, arms, prompts, max_new_tokens, temperature, seed, desc=f"{method} vs baseline",
-                   progress=progress, on_prompt=time_hf if hf is not None else None)
+                   progress=progress, on_prompt=time_hf if hf is not None else None, run=run)
     summaries = summaries_vs_baseline(models, runs, arms, prompt_set, temperature, max_new_tokens)
     if hf is not None:
         base = summaries[0]
@@ -228,7 +245,8 @@ def run_benchmark(models, method: str, prompt_set: str, prompts, max_new_tokens:
 
 
 def sweep(models, prompt_sets: dict, draft_lens, max_new_tokens: int = 48, temperature: float = 0.0,
-          seed: int = 0, progress: bool = True, method: str = "draft_model", options: dict | None = None) -> dict:
+          seed: int = 0, progress: bool = True, method: str = "draft_model", options: dict | None = None,
+          run: dict | None = None) -> dict:
     """The baseline once per prompt, then `method` at every draft length, interleaved (same run, same prompts).
 
     prompt_sets: {"spec_bench:mt_bench": [Prompt, ...], ...}. Returns {'summaries', 'records'}
@@ -238,13 +256,13 @@ def sweep(models, prompt_sets: dict, draft_lens, max_new_tokens: int = 48, tempe
     options = dict(options or {})
     first = next(iter(prompt_sets.values()))[0]
     generate(models.target, make_proposer(method, models, draft_len=2, **options), first.prompt_ids, 4,
-             eos_ids=EOS_IDS)                                                  # warm-up of the method
+             eos_ids=EOS_IDS, **(run or {}))                                   # warm-up of the method
     summaries, recs = [], []
     for name, prompts in prompt_sets.items():
         arms = [Arm(f"{method}@{g}", lambda p, b, g=g: make_proposer(method, models, draft_len=g, **options),
                     dict(draft_len=g)) for g in draft_lens]
         runs = compare(models, arms, prompts, max_new_tokens, temperature, seed,
-                       desc=f"{method} sweep T={temperature} {name}", progress=progress)
+                       desc=f"{method} sweep T={temperature} {name}", progress=progress, run=run)
         rows = summaries_vs_baseline(models, runs, arms, name, temperature, max_new_tokens)
         for s in rows[1:]:
             s["method"] = method
@@ -254,7 +272,7 @@ def sweep(models, prompt_sets: dict, draft_lens, max_new_tokens: int = 48, tempe
 
 
 def run_workload(models, proposers: dict, prompts, max_new_tokens: int, prompt_set: str, category: str,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, run: dict | None = None) -> dict:
     """Requests in order, as a server would see them; for each: the baseline, then every proposer.
 
     proposers: {label: proposer}. A proposer with `observe` learns its own output after each
@@ -267,7 +285,7 @@ def run_workload(models, proposers: dict, prompts, max_new_tokens: int, prompt_s
             for label, prop in proposers.items()]
     for a in arms:
         a.fields.setdefault("draft_len", None)
-    runs = compare(models, arms, prompts, max_new_tokens, 0.0, desc=category, progress=progress)
+    runs = compare(models, arms, prompts, max_new_tokens, 0.0, desc=category, progress=progress, run=run)
     rows = []
     for i, b in enumerate(runs["baseline"]):
         for label in proposers:

@@ -106,3 +106,22 @@ def test_decode_pooled_hand_made():
     assert "predicted" not in decode_pooled(base + [dict(meth[0], predicted_speedup=None)], run, ["a"], "m")
     with pytest.raises(ValueError, match="no rows"):
         decode_pooled(base, run, ["a"], "m")
+
+
+def test_harness_through_a_runner_equals_the_plain_path():
+    """experiments.compare with run= (a GraphRunner's forward, cache and static width; on a CPU it
+    runs the padded buckets eagerly) gives the plain path's tokens for every arm (float32)."""
+    from specdec_lib.data import Prompt
+    from specdec_lib.experiments import compare, fast_path, method_arm
+    models = load_profile("tiny")
+    assert fast_path(models, 256) == {}                       # a CPU: the plain forward
+    prompts = [Prompt("a", "toy", list(range(1000, 1030))), Prompt("b", "toy", [7, 8, 9] * 8)]
+    arms = [method_arm(models, "ngram", dict(draft_len=3)), method_arm(models, "oracle", dict(draft_len=4))]
+    runner = GraphRunner(models.target, 128).capture()
+    fast = compare(models, arms, prompts, 20, progress=False,
+                   run=dict(forward=runner, cache=runner.cache, kv_len=128))
+    assert runner.cache.length > 0                            # the runner's cache did the work
+    plain = compare(models, arms, prompts, 20, progress=False)
+    for label in plain:
+        assert [o.tokens for o in fast[label]] == [o.tokens for o in plain[label]], label
+    assert all(s.accepted > 0 for o in fast["oracle"] for s in o.steps[:-1])
