@@ -109,13 +109,16 @@ LABELS = {"draft_len": "draft length g (tokens)", "max_n": "longest n-gram match
 
 def plot_sweep(summaries: list[dict], x: str = "draft_len", category: str | None = None,
                group: tuple[str, ...] = ("method", "category"), title: str | None = None,
-               throughput: str = "speedup", predicted: bool | None = None, tau: bool = True):
+               throughput: str = "speedup", predicted: bool | None = None, tau: bool = True,
+               xlabel: str | None = None):
     """Acceptance (top), tokens per forward tau (middle), speedup or tokens/s (bottom) against `x`.
 
     One line per `group` value (e.g. method x category). The panels share x, so a reader sees where
     acceptance keeps falling while tau keeps rising and speed does not. `predicted` (default: rows
-    from a replay or a cost model) draws the throughput dashed and labels it "predicted".
+    from a replay or a cost model) draws the throughput dashed and labels it "predicted". xlabel
+    replaces the field's default label (e.g. "draft length k (tokens)" where a chapter calls it k).
     """
+    xlabel = xlabel or LABELS.get(x, x)
     rows = [s for s in summaries if category in (None, "all", s.get("category"))]
     predicted = _is_predicted(rows) if predicted is None else predicted
     n = 3 if tau and throughput != "mean_accepted_len" else 2
@@ -147,11 +150,11 @@ def plot_sweep(summaries: list[dict], x: str = "draft_len", category: str | None
     bottom.set_ylabel(("predicted " if predicted and throughput == "speedup" else "") + ylabel)
     if throughput == "speedup":
         bottom.axhline(1.0, color="0.4", lw=0.8, ls=":")
-    bottom.set_xlabel(LABELS.get(x, x))
+    bottom.set_xlabel(xlabel)
     if all(isinstance(r.get(x), int) for r in rows if r.get(x) is not None):
         from matplotlib.ticker import MaxNLocator
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    top.set_title(title or f"acceptance and throughput against {LABELS.get(x, x)}")
+    top.set_title(title or f"acceptance and throughput against {xlabel}")
     _legend_below(fig, [top])
     return fig
 
