@@ -11,8 +11,8 @@ status=0
 $PY tools/gpu_check.py ${GC_ARGS:-} || status=1       # GC_ARGS=--cpu for a dry run here
 stamp "gpu_check exit $status"
 $PY -m specdec_lib.bench_gpu live --profile "$P" --dtype float32 --tag _fp32 --prompts spec_bench --per-category 1 \
-    --new-tokens 64 --peer-prompts 0 --oracle-prompts 0 --budget-s ${GB:-300} --out "$OUT/results" \
+    --new-tokens 64 --peer-prompts 0 --oracle-prompts 0 --budget-s ${GB:-300} --out "$OUT/chapters/results" \
     --methods "$(grep -v '^#' "${ML:-tools/lease/methods.txt}" | paste -sd, -)" || status=1
-(cd "$OUT" && tar czf live_fp32.tgz results && rm -rf results)
+(cd "$OUT" && tar czf live_fp32.tgz chapters && rm -rf chapters)   # h200_live_fp32.json per chapter
 stamp "done, exit $status"
 exit $status
