@@ -6,8 +6,11 @@ model's fingerprint (and method, config, data manifest hash, steps, date), and l
 mismatch with a clear error.
 
 Weights go to git for the `small` pair, so they must stay small (all learned methods together
-<= 24 MiB): `int8=True` stores each matrix as int8 with one float scale per row (w ~= q * scale,
-q = round(w / scale), scale = max|row| / 127), a quarter of float32's bytes.
+<= 24 MiB, and no file over 8 MB). `bits=8` stores each matrix as int8 with one float scale per row
+(w ~= q * scale, q = round(w / scale), scale = max|row| / 127), a quarter of float32's bytes;
+`bits=4` stores 4-bit integers in -7..7, two to a byte, with one float16 scale per group of 64 columns
+(scale = max|group| / 7), an eighth of float32's bytes plus 1/32 for the scales. Groups rather than
+rows because 15 levels are coarse: one large weight would flatten its whole row, but only its group.
 
     specdec_lib/assets/checkpoints/<method>-<profile>.safetensors
 """
@@ -22,7 +25,9 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "assets" / "checkpoints"
-SCALE_SUFFIX = ".__row_scale"
+SCALE_SUFFIX = ".__row_scale"       # int8: float32 [R]
+GROUP_SUFFIX = ".__group_scale"     # int4: float16 [R, C / GROUP]
+GROUP = 64
 
 
 class CheckpointMismatch(ValueError):
@@ -55,26 +60,61 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, C] float (C a multiple of group) -> uint8 [R, C / 2] (column 2j in the low nibble, 2j + 1 in
+    the high one, each stored as q + 8 with q in -7..7) and float16 scales [R, C / group]."""
+    w = w.detach().float()
+    R, C = w.shape
+    g = w.view(R, C // group, group)
+    scale = (g.abs().amax(dim=2) / 7.0).to(torch.float16).float()   # rounded first: dequantize uses these
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(g / scale[:, :, None]).clamp(-7, 7).view(R, C).to(torch.int16) + 8   # 1..15
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return packed, scale.to(torch.float16)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_int4: uint8 [R, C / 2], float16 [R, C / group] -> float32 [R, C]."""
+    b = packed.to(torch.int16)
+    q = torch.stack([(b & 15) - 8, (b >> 4) - 8], dim=2).view(packed.shape[0], -1).float()  # [R, C]
+    group = q.shape[1] // scale.shape[1]
+    return q * scale.float().repeat_interleave(group, dim=1)
+
+
 def save_checkpoint(path, module: torch.nn.Module, *, method: str, base_model, config: dict,
-                    data_sha256: str | None, steps: int, int8: bool = False, extra: dict | None = None) -> Path:
+                    data_sha256: str | None, steps: int, bits: int = 32, extra: dict | None = None) -> Path:
     """Write module.state_dict() + the header. The module holds only what was trained (heads, a drafter,
-    adapters), never the frozen base model: the checkpoint is the change, not the model."""
+    adapters), never the frozen base model: the checkpoint is the change, not the model.
+
+    bits: 32 keeps every tensor as it is; 16 stores floats as bf16; 8 and 4 quantize each matrix of at
+    least 4096 entries (int8 per row, int4 per group of 64 columns) and store the other floats as bf16."""
     from safetensors.torch import save_file
+    if bits not in (32, 16, 8, 4):
+        raise ValueError(f"bits must be 32, 16, 8 or 4, not {bits!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()
-        if int8 and t.dim() == 2 and t.is_floating_point() and t.numel() >= 4096:
-            q, s = quantize_int8(t)
-            tensors[name], tensors[name + SCALE_SUFFIX] = q, s
+        matrix = t.dim() == 2 and t.is_floating_point() and t.numel() >= 4096
+        if bits == 4 and matrix and t.shape[1] % GROUP == 0:
+            tensors[name], tensors[name + GROUP_SUFFIX] = quantize_int4(t)
+        elif bits in (4, 8) and matrix:
+            tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(t)
         else:
-            tensors[name] = t.to(torch.bfloat16) if (int8 and t.is_floating_point()) else t
+            tensors[name] = t.to(torch.bfloat16) if (bits < 32 and t.is_floating_point()) else t
     header = dict(method=method, base_model=getattr(base_model, "name_or_path", None) or config.get("base_model_name"),
                   base_fingerprint=target_fingerprint(base_model), config=config, data_sha256=data_sha256,
-                  steps=steps, int8=int8, date=time.strftime("%Y-%m-%d"), **(extra or {}))
+                  steps=steps, bits=bits, int8=bits == 8, date=time.strftime("%Y-%m-%d"), **(extra or {}))
     save_file(tensors, str(path), metadata={"header": json.dumps(header, sort_keys=True)})
     return path
+
+
+def update_header(path, **fields) -> None:
+    """Add fields to a checkpoint's header, rewriting the file with its stored tensors unchanged."""
+    from safetensors.torch import load_file, save_file
+    header = {**read_header(path), **fields}
+    save_file(load_file(str(path)), str(path), metadata={"header": json.dumps(header, sort_keys=True)})
 
 
 def read_header(path) -> dict:
@@ -104,10 +144,12 @@ def load_checkpoint(path, module: torch.nn.Module, *, method: str, base_model) -
     raw = load_file(str(path))
     state = {}
     for name, t in raw.items():
-        if name.endswith(SCALE_SUFFIX):
+        if name.endswith((SCALE_SUFFIX, GROUP_SUFFIX)):
             continue
         if name + SCALE_SUFFIX in raw:
             t = t.float() * raw[name + SCALE_SUFFIX][:, None]
+        elif name + GROUP_SUFFIX in raw:
+            t = dequantize_int4(t, raw[name + GROUP_SUFFIX])
         state[name] = t
     current = module.state_dict()
     missing = set(current) - set(state)

@@ -302,10 +302,14 @@ PROFILE_CONFIG = {
 }
 
 
-def train_method(method: str, models, data=None, out=None, log_path=None, int8: bool | None = None,
+def train_method(method: str, models, data=None, out=None, log_path=None, bits: int | None = None,
                  progress: bool = True, config: dict | None = None, **options):
-    """Build `method`'s learner, train it on the self-distilled data, save the checkpoint at `out`."""
-    from .checkpoint import save_checkpoint
+    """Build `method`'s learner, train it on the self-distilled data, save the checkpoint at `out`.
+
+    bits: how the checkpoint stores matrices (checkpoint.save_checkpoint): by default full precision
+    under `tiny`, else the method's CHECKPOINT_BITS (8 unless it says otherwise). A quantized checkpoint
+    is loaded back and evaluated again, so the log's "final_stored" is what the committed weights do."""
+    from .checkpoint import load_checkpoint, save_checkpoint, update_header
     from .selfdistill import load_data
     mod = importlib.import_module(f"specdec_lib.methods.{method}")
     learner = mod.learner(models, **options)
@@ -314,12 +318,22 @@ def train_method(method: str, models, data=None, out=None, log_path=None, int8: 
                          **(config or {})})
     log = train(learner, models.target, data, cfg, log_path, progress, provenance=models.provenance())
     if out is not None:
+        if bits is None:
+            bits = 32 if models.profile == "tiny" else getattr(mod, "CHECKPOINT_BITS", 8)
         base = getattr(learner, "base_model", models.target)
-        save_checkpoint(out, learner.module, method=method, base_model=base, config=learner.header(),
-                        data_sha256=data.manifest.get("sha256"), steps=log["config"]["steps"],
-                        int8=(models.profile != "tiny") if int8 is None else int8,
-                        extra=dict(heldout=log["final"], base_model_name=(
-                            models.draft_name if base is models.draft else models.target_name)))
+        extra = dict(heldout=log["final"], base_model_name=(
+            models.draft_name if base is models.draft else models.target_name))
+        save_checkpoint(out, learner.module, method=method, base_model=base, config=learner.header(), bits=bits,
+                        data_sha256=data.manifest.get("sha256"), steps=log["config"]["steps"], extra=extra)
+        if bits < 16:
+            # What the stored (rounded) weights do on the same held-out batches as log["final"]
+            load_checkpoint(out, learner.module, method=method, base_model=base)
+            held = data.split("heldout") or data.split("train")[:cfg.batch_size]
+            log["final_stored"] = dict(bits=bits, **evaluate(learner, models.target, held, cfg,
+                                                             n_batches=cfg.eval_batches * 2))
+            update_header(out, heldout_stored=log["final_stored"])      # the stored tensors unchanged
+            if log_path:
+                write_json(log_path, log)
     return learner, log
 
 
@@ -330,7 +344,8 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="self-distilled data folder (default data/selfdistill/<profile>)")
     ap.add_argument("--out", default=None, help="checkpoint (default specdec_lib/assets/checkpoints/<method>-<profile>)")
     ap.add_argument("--log", default=None, help="JSON log (default chapters/results/<chapter>/train_<method>_<profile>.json)")
-    ap.add_argument("--bf16-weights", action="store_true", help="store bf16 instead of int8 with row scales")
+    ap.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=None,
+                    help="checkpoint precision (default: the method's CHECKPOINT_BITS, 8 unless it says; 32 under tiny)")
     for name, typ in (("steps", int), ("batch-size", int), ("max-len", int), ("lr", float), ("warmup", int),
                       ("eval-every", int), ("seed", int), ("time-budget-s", float)):
         ap.add_argument(f"--{name}", type=typ, default=None)
@@ -360,13 +375,17 @@ def main(argv=None):
     log_path = a.log or ROOT / "chapters" / "results" / CHAPTERS[a.method] / f"train_{a.method}_{models.profile}.json"
     if models.profile == "tiny" and not a.log:
         log_path = None
-    learner, log = train_method(a.method, models, data, out, log_path, int8=not a.bf16_weights and models.profile != "tiny",
+    learner, log = train_method(a.method, models, data, out, log_path, bits=a.bits,
                                 config=config, **options)
     stamp("trained and saved")
     f = log["final"]
     print(f"{a.method} on {models.profile}: {log['trainable_parameters'] / 1e6:.2f} M trainable parameters, "
           f"{f['tokens']} tokens in {f['wall_s']:.0f} s; held-out loss {f['loss']:.3f}, top-1 "
           + ", ".join(f"{x:.3f}" for x in f.get("acc", [])))
+    if "final_stored" in log:
+        s = log["final_stored"]
+        print(f"stored in {s['bits']} bits: held-out loss {s['loss']:.3f}, top-1 "
+              + ", ".join(f"{x:.3f}" for x in s.get("acc", [])))
     print(f"checkpoint: {out} ({out.stat().st_size / 2**20:.2f} MiB)" + (f"; log: {log_path}" if log_path else ""))
 
 

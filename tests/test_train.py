@@ -107,12 +107,42 @@ def test_int8_checkpoint_is_close_and_small(tiny, tmp_path):
     p32 = ckpt.save_checkpoint(tmp_path / "a.safetensors", learner.module, method="toy", base_model=tiny.target,
                                config={}, data_sha256=None, steps=1)
     p8 = ckpt.save_checkpoint(tmp_path / "b.safetensors", learner.module, method="toy", base_model=tiny.target,
-                              config={}, data_sha256=None, steps=1, int8=True)
+                              config={}, data_sha256=None, steps=1, bits=8)
     assert p8.stat().st_size < 0.3 * p32.stat().st_size
     other = NextNextHead(tiny.target)
     ckpt.load_checkpoint(p8, other.module, method="toy", base_model=tiny.target)
     w, q = learner.module.weight, other.module.weight
     assert ((w - q).abs().amax(1) <= w.abs().amax(1) / 127 / 2 + 1e-6).all()   # half a step per row
+
+
+def test_int4_packing_on_a_hand_made_row():
+    # one row of 64: columns 0 and 1 share a byte (low nibble = column 0); the group's max |w| is 7 -> scale 1
+    w = torch.zeros(1, 64)
+    w[0, :4] = torch.tensor([-7.0, 3.0, 0.4, 7.0])
+    packed, scale = ckpt.quantize_int4(w)
+    assert packed.shape == (1, 32) and packed.dtype == torch.uint8 and scale.tolist() == [[1.0]]
+    assert packed[0, 0] == (-7 + 8) | ((3 + 8) << 4) and packed[0, 1] == (0 + 8) | ((7 + 8) << 4)
+    assert torch.equal(ckpt.dequantize_int4(packed, scale)[0, :4], torch.tensor([-7.0, 3.0, 0.0, 7.0]))
+
+
+def test_int4_checkpoint_is_close_and_small(tiny, tmp_path):
+    learner = NextNextHead(tiny.target)
+    torch.nn.init.normal_(learner.module.weight)
+    kw = dict(method="toy", base_model=tiny.target, config={}, data_sha256=None, steps=1)
+    p8 = ckpt.save_checkpoint(tmp_path / "b.safetensors", learner.module, bits=8, **kw)
+    p4 = ckpt.save_checkpoint(tmp_path / "c.safetensors", learner.module, bits=4, **kw)
+    assert p4.stat().st_size < 0.6 * p8.stat().st_size
+    assert ckpt.read_header(p4)["bits"] == 4
+    other = NextNextHead(tiny.target)
+    ckpt.load_checkpoint(p4, other.module, method="toy", base_model=tiny.target)
+    w, q = learner.module.weight, other.module.weight
+    R, C = w.shape
+    step = w.view(R, C // 64, 64).abs().amax(2, keepdim=True) / 7          # one step per group of 64
+    assert ((w - q).view(R, C // 64, 64).abs() <= step / 2 * 1.002 + 1e-6).all()   # half a step (+ fp16 scale)
+    ckpt.update_header(p4, note="x")
+    again = NextNextHead(tiny.target)
+    ckpt.load_checkpoint(p4, again.module, method="toy", base_model=tiny.target)
+    assert torch.equal(again.module.weight, q) and ckpt.read_header(p4)["note"] == "x"
 
 
 def test_fingerprint_ignores_dtype(tiny):
