@@ -25,6 +25,9 @@ if CPU:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+import pathlib as _pathlib  # noqa: E402
+import sys as _sys  # noqa: E402
+_sys.path.insert(0, str(_pathlib.Path(__file__).resolve().parents[1]))  # the repository root: runs without an install
 from specdec_lib.cuda_graphs import GraphDraft, GraphRunner, GreedyChain  # noqa: E402
 from specdec_lib.decoding import generate  # noqa: E402
 from specdec_lib.kernels import FusedQwen2, _candidates, linear  # noqa: E402

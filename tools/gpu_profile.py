@@ -6,6 +6,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import pathlib as _pathlib  # noqa: E402
+import sys as _sys  # noqa: E402
+_sys.path.insert(0, str(_pathlib.Path(__file__).resolve().parents[1]))  # the repository root: runs without an install
 from specdec_lib.cuda_graphs import GraphRunner, cuda_time
 from specdec_lib.models import QWEN25_1_5B, QWEN25_7B
 from specdec_lib.qwen2 import random_model

@@ -13,6 +13,9 @@ for dtype in ("bfloat16", "float32"):
                     "--out", f"chapters/results/00_setup/bench_baseline_{dtype}"], check=True)
 
 from transformers import AutoModelForCausalLM
+import pathlib as _pathlib  # noqa: E402
+import sys as _sys  # noqa: E402
+_sys.path.insert(0, str(_pathlib.Path(__file__).resolve().parents[1]))  # the repository root: runs without an install
 from specdec_lib.models import gguf_path
 from specdec_lib.qwen2 import from_transformers
 from specdec_lib.decoding import prefill

@@ -14,6 +14,9 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import pathlib as _pathlib  # noqa: E402
+import sys as _sys  # noqa: E402
+_sys.path.insert(0, str(_pathlib.Path(__file__).resolve().parents[1]))  # the repository root: runs without an install
 from specdec_lib.bench import parse_options
 from specdec_lib.data import spec_bench
 from specdec_lib.decoding import generate

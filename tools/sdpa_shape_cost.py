@@ -1,6 +1,6 @@
 """Does a new attention width cost a new kernel plan? SDPA with a mask, growing width vs fixed width.
 
-    python tools/sdpa_shape_cost.py [--rows 7] [--steps 60]
+    python tools/sdpa_shape_cost.py [--rows 7] [--steps 60] [--out results.json]
 
 A decode loop whose mask is [T, L + T] asks for a new shape every step (L grows); one whose mask spans
 the whole cache asks for the same shape every step. On a CPU both cost the same. On a GPU whose SDPA
@@ -8,9 +8,10 @@ picks cuDNN (Hopper: H100, H200), a new sequence length means a new cuDNN graph 
 made avoiding that an opt-in), which can cost more than the step itself. Written because EAGLE-3's
 proposer took 11-60 ms per step live on the H200 while Medusa's took 0.7 ms: EAGLE-3 read the new
 context with a growing mask width (fixed since), Medusa runs no attention. Prints the median time per
-call of each loop and the attention kernels the profiler saw.
+call of each loop and the attention kernels the profiler saw (and writes them as JSON with --out).
 """
 import argparse
+import json
 import statistics
 import time
 
@@ -38,6 +39,7 @@ def main():
     ap.add_argument("--rows", type=int, default=7, help="query rows per call (a tree level, a few tokens)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--start", type=int, default=1000, help="context length at the first step")
+    ap.add_argument("--out", default=None, help="write the medians, maxima and kernels as JSON")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
@@ -51,8 +53,9 @@ def main():
     growing = timed_calls(q, k, v, range(a.start, a.start + a.steps), device)
     fixed = timed_calls(q, k, v, [cap] * a.steps, device)
     again = timed_calls(q, k, v, range(a.start, a.start + a.steps), device)  # the same widths, seen before
-    for label, ts in (("growing width (new every call)", growing), ("fixed width (the whole cache)", fixed),
-                      ("growing width, second pass", again)):
+    loops = {"growing width (new every call)": growing, "fixed width (the whole cache)": fixed,
+             "growing width, second pass": again}
+    for label, ts in loops.items():
         print(f"  {label:<34} median {statistics.median(ts):8.3f} ms, max {max(ts):8.3f} ms")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -60,6 +63,12 @@ def main():
     names = sorted({e.key for e in prof.key_averages() if "attention" in e.key.lower() or "cudnn" in e.key.lower()
                     or "flash" in e.key.lower() or "fmha" in e.key.lower()})
     print("attention ops and kernels seen: " + ("; ".join(n[:70] for n in names) or "none"))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(machine=name, torch=torch.__version__, dtype="bfloat16", rows=a.rows, steps=a.steps,
+                           start=a.start, heads=heads, kv_heads=kv_heads, head_dim=hd, kernels=names,
+                           loops={k: dict(median_ms=statistics.median(v), max_ms=max(v)) for k, v in loops.items()}),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ source "$(dirname "$0")/env.sh"
 exec > "$OUT/P.log" 2>&1
 stamp start
 use_new_checkpoints
-$PY tools/sdpa_shape_cost.py          # a new mask width per step: a new cuDNN graph per step?
+$PY tools/sdpa_shape_cost.py --out "$OUT/sdpa_shape_cost.json"   # a new mask width per step: a new cuDNN graph per step?
 $PY tools/profile_proposer.py "eagle3:total_tokens=15" "eagle3:chain=true:depth=5" "eagle3:total_tokens=15:graph=false" \
     "medusa:draft_len=15" "pard:draft_len=4" "suffix:cache_size=0" "suffix" --tokens 64
 stamp done

@@ -4,7 +4,7 @@
 set -euo pipefail
 # SPECDEC_PROFILE=tiny (and OUT=/tmp/x) dry-runs every script on a CPU here, in seconds.
 export SPECDEC_MODELS_DIR=${SPECDEC_MODELS_DIR:-$HOME/models} SPECDEC_PROFILE=${SPECDEC_PROFILE:-small}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # tools/*.py import specdec_lib
 P=$SPECDEC_PROFILE
 OUT=${OUT:?run these through the device tool: \$OUT is its folder that comes back}
 PY=${PY:-python}
