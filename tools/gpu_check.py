@@ -13,7 +13,9 @@ Checks, each printed as `ok` / `FAIL`:
    17, 33, ...) and a tree step, equal the eager forward on the same cache (relative error <= 2e-4);
 4. end to end: our baseline, a noisy tree oracle and a chain oracle through each runner, and the
    device-fed GreedyChain, give the eager baseline's tokens; the draft model proposing through its own
-   graphs (GraphDraft) proposes exactly what the eager draft model proposes.
+   graphs (GraphDraft) proposes exactly what the eager draft model proposes;
+5. EAGLE-3's greedy tree growth replayed from its CUDA graph (TreeGraph) proposes, step by step, the
+   same trees as the eager growth (a random drafter on the tiny target; on the CPU both are eager).
 """
 import os
 import sys
@@ -172,6 +174,43 @@ for label, kw in variants:
     check(f"{label}: draft model through its own graphs proposes what the eager draft model does", same,
           f"accepted per step {[s.accepted for s in r.steps][:8]} vs {[s.accepted for s in e.steps][:8]}")
     del draft_runner
+
+# 5. EAGLE-3: the tree growth replayed from one CUDA graph against the eager growth, draft by draft
+from specdec_lib.methods.eagle3 import Eagle3Drafter, Eagle3Proposer, default_layers, drafter_sizes  # noqa: E402
+
+
+class Recorder:
+    """Passes a proposer through and keeps every draft it made (tokens and parents)."""
+
+    def __init__(self, inner):
+        self.inner, self.drafts = inner, []
+        self.hidden_layers, self.name = inner.hidden_layers, inner.name
+
+    def reset(self, prompt_ids):
+        self.inner.reset(prompt_ids)
+
+    def propose(self, ctx):
+        d = self.inner.propose(ctx)
+        self.drafts.append((d.tokens.tolist(), d.parents.tolist()))
+        return d
+
+
+c = target.config
+torch.manual_seed(5)
+drafter = Eagle3Drafter(c.hidden_size, default_layers(c.num_hidden_layers), draft_vocab=min(V, 4096),
+                        **drafter_sizes(c.hidden_size, c.head_dim)).to(DEV).eval()
+eagle_runs = {}
+for graph in (False, True):
+    prop = Recorder(Eagle3Proposer(drafter, target.model.embed_tokens.weight, target.lm_head.weight, top_k=4,
+                                   depth=4, total_tokens=12, graph=graph))
+    r = generate(target, prop, p, N)
+    eagle_runs[graph] = (r.tokens, prop.drafts, prop.inner.graph is not None and not prop.inner.graph.failed)
+(eager_toks, eager_drafts, _), (graph_toks, graph_drafts, replayed) = eagle_runs[False], eagle_runs[True]
+check("eagle3: eager tree growth == eager baseline", eager_toks == ref)
+check(f"eagle3: tree growth {'replayed from its CUDA graph' if replayed else 'eager (no graph on this device)'}"
+      " proposes the eager growth's trees, step by step",
+      graph_toks == ref and graph_drafts == eager_drafts and (replayed or CPU),
+      f"{sum(a == b for a, b in zip(graph_drafts, eager_drafts))} of {len(eager_drafts)} drafts equal")
 
 print("ALL OK" if not failures else f"FAILED: {len(failures)} check(s): " + "; ".join(failures))
 sys.exit(1 if failures else 0)

@@ -43,7 +43,7 @@ def main():
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
-    heads, kv_heads, hd, cap = 12, 2, 128, a.start + a.steps + 64          # the 1.5B's attention shapes
+    heads, kv_heads, hd, cap = 12, 2, 128, a.start + 3 * a.steps + 64      # the 1.5B's attention shapes
     q = torch.randn(1, heads, a.rows, hd, device=device, dtype=dtype)
     k = torch.randn(1, kv_heads, cap, hd, device=device, dtype=dtype)
     v = torch.randn_like(k)
@@ -55,6 +55,15 @@ def main():
     again = timed_calls(q, k, v, range(a.start, a.start + a.steps), device)  # the same widths, seen before
     loops = {"growing width (new every call)": growing, "fixed width (the whole cache)": fixed,
              "growing width, second pass": again}
+    if device.type == "cuda":
+        # The same growing widths (new ones) with cuDNN left out: does the memory-efficient kernel, which
+        # takes an additive mask too, avoid the per-shape cost? (A prefill at a new prompt length is a
+        # new shape as well, for every model whose attention runs eagerly.)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        far = a.start + 2 * a.steps
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            timed_calls(q, k, v, [far + a.steps] * 3, device)
+            loops["growing width, cuDNN off"] = timed_calls(q, k, v, range(far, far + a.steps), device)
     for label, ts in loops.items():
         print(f"  {label:<34} median {statistics.median(ts):8.3f} ms, max {max(ts):8.3f} ms")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
