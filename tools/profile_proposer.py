@@ -30,7 +30,12 @@ def main():
     ap.add_argument("--profile", default=None)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rows", type=int, default=18, help="rows of each profiler table")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="leave cuDNN out of attention (it builds a graph per new shape on Hopper GPUs)")
     a = ap.parse_args()
+    if a.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        print("cuDNN attention off: SDPA picks flash / memory-efficient / math")
     models = load_profile(a.profile)
     on_gpu = models.target.device.type == "cuda"
     prompt = spec_bench(models.tokenizer, "mt_bench", limit=1)[0].prompt_ids
