@@ -87,7 +87,8 @@ def save_checkpoint(path, module: torch.nn.Module, *, method: str, base_model, c
     adapters), never the frozen base model: the checkpoint is the change, not the model.
 
     bits: 32 keeps every tensor as it is; 16 stores floats as bf16; 8 and 4 quantize each matrix of at
-    least 4096 entries (int8 per row, int4 per group of 64 columns) and store the other floats as bf16."""
+    least 4096 entries (int8 per row; int4 per group of 64 columns, int8 for a matrix whose columns do
+    not split into groups of 64) and store the other floats as bf16."""
     from safetensors.torch import save_file
     if bits not in (32, 16, 8, 4):
         raise ValueError(f"bits must be 32, 16, 8 or 4, not {bits!r}")
