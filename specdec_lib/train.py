@@ -225,17 +225,12 @@ def evaluate(learner, target, seqs, cfg: TrainConfig, n_batches: int | None = No
     return _merge(metrics, weights)
 
 
-def heldout_sequences(data, cfg: TrainConfig) -> list:
-    """The sequences every evaluation reads: the held-out split (a first training batch if there is none)."""
-    return data.split("heldout") or data.split("train")[:cfg.batch_size]
-
-
 def train(learner, target, data, cfg: TrainConfig, log_path=None, progress: bool = True, provenance=None) -> dict:
     """Train learner.module on data.split("train"); evaluate on data.split("heldout"). Returns the log
     (also written to log_path as JSON after every evaluation, so an interrupted run keeps its curve)."""
     from tqdm.auto import tqdm
     torch.manual_seed(cfg.seed)
-    train_seqs, held = data.split("train"), heldout_sequences(data, cfg)
+    train_seqs, held = data.split("train"), data.split("heldout") or data.split("train")[:cfg.batch_size]
     params = [p for p in learner.module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{learner.name}: the module has no trainable parameters")
@@ -333,8 +328,9 @@ def train_method(method: str, models, data=None, out=None, log_path=None, bits: 
         if bits < 16:
             # What the stored (rounded) weights do on the same held-out batches as log["final"]
             load_checkpoint(out, learner.module, method=method, base_model=base)
-            log["final_stored"] = dict(bits=bits, **evaluate(learner, models.target, heldout_sequences(data, cfg),
-                                                             cfg, n_batches=cfg.eval_batches * 2))
+            held = data.split("heldout") or data.split("train")[:cfg.batch_size]   # as train() does
+            log["final_stored"] = dict(bits=bits, **evaluate(learner, models.target, held, cfg,
+                                                             n_batches=cfg.eval_batches * 2))
             update_header(out, heldout_stored=log["final_stored"])      # the stored tensors unchanged
             if log_path:
                 write_json(log_path, log)
