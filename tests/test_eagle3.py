@@ -242,6 +242,36 @@ def test_drafter_attention_width_is_static(tiny):
     assert len(widths) > 10 and set(widths) == {prop.cache.max_len}
 
 
+@pytest.mark.parametrize("top_k,depth,total", [(3, 3, 8), (1, 4, 4), (2, 1, 2)])
+def test_padded_one_graph_proposal_equals_eager(top_k, depth, total):
+    """ProposeGraph's function (what a GPU records once: the context read padded to P = depth + 1 rows,
+    n and L in device buffers, then the tree), run here eagerly, proposes what the eager path proposes,
+    step after step: the padding rows change nothing that a node can see. The first step reads a
+    prompt longer than P (partly eagerly first); later steps bring 1..P new entries.
+    subtle: float64. A matrix product over P rows rounds differently from one over n rows (~1e-6 in
+    float32), which can flip near-ties between children; in float64 it cannot here."""
+    d = small_drafter().double()
+    ps = [make_proposer_from(d, top_k=top_k, depth=depth, total_tokens=total) for _ in range(2)]
+    for p in ps:
+        p.embed, p.head = p.embed.double(), p.head.double()
+        p.reset([])
+    graph = eagle3.ProposeGraph()
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 50, (12,), generator=g).tolist()
+    n = len(tokens) - 1                                       # the prompt's entries
+    for step in range(8):
+        hidden = {l: torch.randn(n, 32, generator=g, dtype=torch.float64) for l in (0, 1, 2)}
+        L = len(tokens) - 1
+        a = ps[0].read_context(tokens, hidden)
+        tree = ps[0].grow(a, L, total)
+        toks, parents = graph(ps[1], tokens, hidden)
+        assert toks.tolist() == ps[0].d2t[tree.tokens].tolist() and parents.tolist() == tree.parents.tolist()
+        assert ps[1].length == ps[0].length == L
+        n = int(torch.randint(1, depth + 2, (1,), generator=g))    # accepted + 1 new entries next step
+        tokens += torch.randint(0, 50, (n,), generator=g).tolist()
+    assert graph.buf["ids"].shape == (depth + 1,)
+
+
 def test_train_metrics_per_step(tiny):
     learner = eagle3.learner(tiny, ttt_steps=2)
     from specdec_lib.train import batches, teacher_forward

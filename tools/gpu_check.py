@@ -14,8 +14,9 @@ Checks, each printed as `ok` / `FAIL`:
 4. end to end: our baseline, a noisy tree oracle and a chain oracle through each runner, and the
    device-fed GreedyChain, give the eager baseline's tokens; the draft model proposing through its own
    graphs (GraphDraft) proposes exactly what the eager draft model proposes;
-5. EAGLE-3's greedy tree growth replayed from its CUDA graph (TreeGraph) proposes, step by step, the
-   same trees as the eager growth (a random drafter on the tiny target; on the CPU both are eager).
+5. EAGLE-3's greedy proposal replayed from its CUDA graph (ProposeGraph: the context read padded to
+   depth + 1 rows, then the tree) proposes, step by step, the same trees as the eager path (a random
+   drafter on the tiny target, in float64; on the CPU the recorded function runs eagerly).
 """
 import os
 import sys
@@ -175,8 +176,9 @@ for label, kw in variants:
           f"accepted per step {[s.accepted for s in r.steps][:8]} vs {[s.accepted for s in e.steps][:8]}")
     del draft_runner
 
-# 5. EAGLE-3: the tree growth replayed from one CUDA graph against the eager growth, draft by draft
-from specdec_lib.methods.eagle3 import Eagle3Drafter, Eagle3Proposer, default_layers, drafter_sizes  # noqa: E402
+# 5. EAGLE-3: the whole proposal replayed from one CUDA graph against the eager path, draft by draft
+from specdec_lib.methods.eagle3 import (Eagle3Drafter, Eagle3Proposer, ProposeGraph, default_layers,  # noqa: E402
+                                         drafter_sizes)
 
 
 class Recorder:
@@ -195,21 +197,32 @@ class Recorder:
         return d
 
 
-c = target.config
+# subtle: float64 here. The recorded proposal reads the context padded to depth + 1 rows, and a matrix
+# product over more rows rounds differently (~1e-6 in float32): with a random drafter's near-ties that
+# can pick other (equally good) children. In float64 it cannot, so any difference is a real one.
+import copy  # noqa: E402
+t64 = copy.deepcopy(target).double()
+c = t64.config
 torch.manual_seed(5)
 drafter = Eagle3Drafter(c.hidden_size, default_layers(c.num_hidden_layers), draft_vocab=min(V, 4096),
-                        **drafter_sizes(c.hidden_size, c.head_dim)).to(DEV).eval()
+                        **drafter_sizes(c.hidden_size, c.head_dim)).to(DEV, torch.float64).eval()
+with torch.no_grad():                   # make the drafter's layer matter (its default init is small)
+    for w in drafter.parameters():
+        w.add_(torch.randn_like(w) * 0.2)
+ref64 = generate(t64, base, p, N).tokens
 eagle_runs = {}
 for graph in (False, True):
-    prop = Recorder(Eagle3Proposer(drafter, target.model.embed_tokens.weight, target.lm_head.weight, top_k=4,
+    prop = Recorder(Eagle3Proposer(drafter, t64.model.embed_tokens.weight, t64.lm_head.weight, top_k=4,
                                    depth=4, total_tokens=12, graph=graph))
-    r = generate(target, prop, p, N)
+    if CPU and graph:                   # no CUDA graph here: the recorded function runs eagerly
+        prop.inner.graph = ProposeGraph()
+    r = generate(t64, prop, p, N)
     eagle_runs[graph] = (r.tokens, prop.drafts, prop.inner.graph is not None and not prop.inner.graph.failed)
 (eager_toks, eager_drafts, _), (graph_toks, graph_drafts, replayed) = eagle_runs[False], eagle_runs[True]
-check("eagle3: eager tree growth == eager baseline", eager_toks == ref)
-check(f"eagle3: tree growth {'replayed from its CUDA graph' if replayed else 'eager (no graph on this device)'}"
-      " proposes the eager growth's trees, step by step",
-      graph_toks == ref and graph_drafts == eager_drafts and (replayed or CPU),
+check("eagle3: eager proposal == eager baseline (float64)", eager_toks == ref64)
+check(f"eagle3: the proposal (padded context read + tree) {'replayed from its CUDA graph' if not CPU else 'run eagerly'}"
+      " proposes the eager path's trees, step by step",
+      graph_toks == ref64 and graph_drafts == eager_drafts and replayed,
       f"{sum(a == b for a, b in zip(graph_drafts, eager_drafts))} of {len(eager_drafts)} drafts equal")
 
 print("ALL OK" if not failures else f"FAILED: {len(failures)} check(s): " + "; ".join(failures))

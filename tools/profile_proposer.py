@@ -3,7 +3,7 @@
 python tools/profile_proposer.py "eagle3:total_tokens=15" "medusa:draft_len=15" [--tokens 64] [--profile small]
 
 For each method: generate with the plain (eager) target on one Spec-Bench prompt, twice (the first run
-warms up and, for EAGLE-3 on a GPU, captures its tree graph), then report the median proposer and
+warms up and, for EAGLE-3 on a GPU, captures its proposal graph), then report the median proposer and
 verifier time per step, and a torch.profiler table of a short run (host and device time per op).
 Written because EAGLE-3 took 11-44 ms per proposal in the H200 live run of 2026-11-29 while Medusa took
 0.7 ms: this separates the proposer's own cost from the graph runner's.
@@ -51,7 +51,7 @@ def main():
         state = "-" if graph is None else ("failed" if graph.failed else
                                            "captured" if graph.graph is not None else "not captured")
         print(f"\n=== {spec}: {len(res.steps)} steps, tau {len(res.tokens) / len(res.steps):.2f}; median per step: "
-              f"propose {ms('propose_s'):.2f} ms, verify {ms('verify_s'):.2f} ms; tree graph: {state}")
+              f"propose {ms('propose_s'):.2f} ms, verify {ms('verify_s'):.2f} ms; graph: {state}")
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with profile(activities=acts) as prof:
             generate(models.target, prop, prompt, min(a.tokens, 16), eos_ids=EOS_IDS)

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ..qwen2 import Block, KVCache, Qwen2Config, RMSNorm, rope_cos_sin
 from ..sampling import probs_from_logits
-from ..tree import Draft, chain_inputs
+from ..tree import Draft
 
 EOS = (151643, 151645)
 OPTIONS = {"ttt_steps", "eval_steps", "layers", "width", "intermediate", "draft_vocab", "seed"}   # training options build() passes on
@@ -473,8 +473,8 @@ class Eagle3Proposer:
         self.length = 0                                          # committed entries in the drafter cache
         self.max_rows = 1 + top_k * max(depth - 1, 0)            # root + every node that can be fed
         self.fed_per_step: list[int] = []
-        # greedy tree growth replayed from one CUDA graph on a GPU (see TreeGraph); None: always eager
-        self.graph = TreeGraph() if graph and drafter.d2t.is_cuda else None
+        # a greedy proposal replayed from one CUDA graph on a GPU (see ProposeGraph); None: always eager
+        self.graph = ProposeGraph() if graph and drafter.d2t.is_cuda else None
 
     def reset(self, prompt_ids) -> None:
         self.length, self.fed_per_step = 0, []
@@ -500,22 +500,35 @@ class Eagle3Proposer:
         L = len(tokens) - 1
         if not hidden:
             return None
-        n = hidden[self.hidden_layers[0]].shape[0]
-        start = L - n
+        start = self.check_start(L, hidden)
+        self._ensure_capacity(L + self.max_rows + 1)
+        ids = torch.tensor(tokens[start + 1:L + 1], device=self.head.device)
+        a = self.read_rows(hidden, ids, start)
+        self.length = L
+        return a[-1:]
+
+    def check_start(self, L: int, hidden: dict) -> int:
+        """The first position of the target's new features (L - n); it must follow the drafter's entries."""
+        start = L - hidden[self.hidden_layers[0]].shape[0]
         if start != self.length:
             raise ValueError(f"the drafter holds {self.length} entries but the target's new features start at "
                              f"{start}: call reset() when a request starts")
-        self._ensure_capacity(L + self.max_rows + 1)
-        dev = self.head.device
+        return start
+
+    def read_rows(self, hidden: dict, ids: torch.Tensor, start) -> torch.Tensor:
+        """The drafter over T consecutive context entries: features {layer: [T, h]}, ids [T] (each entry's
+        next token), positions start .. start + T - 1 (start: an int or a 0-d device tensor); -> [T, d].
+
+        Entry i sits in cache slot start + i and sees slots 0 .. start + i. subtle: the mask spans the
+        whole cache (columns past start + i are never visible), as in feed(): a width that grows every
+        step is a new attention shape every step, and on an H100/H200 SDPA's cuDNN backend builds a new
+        graph per shape (tens of ms, more than the step itself)."""
+        dev = ids.device
         g = self.drafter.fuse_features([hidden[l][None].to(self.head.dtype) for l in self.hidden_layers])
-        ids = torch.tensor(tokens[start + 1:L + 1], device=dev)
-        # subtle: the mask spans the whole cache (columns past L are never visible), as in feed():
-        # a width that grows every step is a new attention shape every step, and on an H100/H200
-        # SDPA's cuDNN backend builds a new graph per shape (tens of ms, more than the step itself)
-        pos, slots, mask = chain_inputs(start, n, kv_len=self.cache.max_len, device=dev)
-        a = self.drafter(g, self.embed[ids][None], pos, self.cache.k[0], self.cache.v[0], slots, mask)
-        self.length = L
-        return a[0, -1:]
+        at = start + torch.arange(ids.shape[0], device=dev)                       # [T] positions = slots
+        mask = torch.arange(self.cache.max_len, device=dev)[None] <= at[:, None]  # [T, W] causal
+        a = self.drafter(g, self.embed[ids][None], at[None], self.cache.k[0], self.cache.v[0], at, mask)
+        return a[0]
 
     def new_rows(self, a_root: torch.Tensor) -> dict:
         """Per-step row state: out [R, d] (row 0 = a_root), anc [R, R - 1] bool over the tree slots."""
@@ -562,15 +575,17 @@ class Eagle3Proposer:
     @torch.inference_mode()
     def propose(self, ctx) -> Draft:
         tokens, L = ctx.tokens, len(ctx.tokens) - 1
-        a_root = self.read_context(tokens, ctx.hidden)
         budget = min(self.total_tokens, ctx.max_draft)
+        # the graph grows total_tokens nodes; a smaller budget (the last steps) reranks for fewer: eager
+        if ctx.params.greedy and self.graph is not None and ctx.hidden and budget == self.total_tokens:
+            drafted = self.graph(self, tokens, ctx.hidden)    # context read + tree growth in one replay
+            if drafted is not None:       # None: the graph could not be used (capture failed)
+                self.fed_per_step.append(self.top_k * (self.depth - 1))
+                return Draft(drafted[0], drafted[1])
+        a_root = self.read_context(tokens, ctx.hidden)
         if a_root is None or budget < 1:
             return Draft.empty()
         self.fed_per_step.append(self.top_k * (self.depth - 1))
-        if ctx.params.greedy and self.graph is not None:
-            tree = self.graph(self, a_root, L)
-            if tree is not None:           # None: the graph could not be used (capture failed, cache grew)
-                return Draft(self.d2t[tree.tokens].cpu(), tree.parents.cpu()).truncate(budget)
         q_fn = None
         if not ctx.params.greedy:
             def q_fn(logp):
@@ -586,46 +601,85 @@ class Eagle3Proposer:
         return Draft(self.d2t[tree.tokens].cpu(), tree.parents.cpu(), q, without_replacement=q is not None)
 
 
-class TreeGraph:
-    """The greedy tree growth (depth - 1 drafter forwards, top-k, rerank) recorded once as a CUDA graph.
+class ProposeGraph:
+    """A whole greedy proposal (the context read and the tree growth) recorded once as a CUDA graph.
 
-    At batch 1 each of the few hundred small kernels of a tree growth costs more to launch from Python
-    than to run; a graph replays them all with one call. Shapes are static (top_k rows per level, the
-    mask spans the whole drafter cache, L lives in a device tensor), so one capture serves every step.
-    Captured at the first greedy step (with that step's real inputs, so warm-up writes land in tree
-    slots), and re-captured if the drafter cache is reallocated. Any failure falls back to eager.
+    At batch 1 each of the few hundred small kernels of a proposal costs more to launch from Python
+    than to run; a graph replays them all with one call and one copy back. Shapes must be static, so:
+    - the context read always takes P = depth + 1 rows (a step accepts at most depth draft tokens, so at
+      most depth + 1 entries arrive). Rows past the n real ones are padding: they land in cache slots
+      >= L, tree slots that the tree growth overwrites before any node may see them, or slots past the
+      tree that nobody sees; their outputs are dropped (the root is row n - 1);
+    - n, the first new position and the features live in device buffers, filled before each replay;
+    - every mask spans the whole drafter cache; each level feeds exactly top_k nodes.
+    The first step reads the prompt: all but its last P entries are read eagerly first. Captured at the
+    first greedy step (with that step's real inputs, so warm-up writes are the real entries), and
+    re-captured if the drafter cache is reallocated; a failed capture falls back to eager for good.
+    Without a GPU (tests) the same padded function runs eagerly from the same buffers.
     """
 
     def __init__(self):
-        self.graph, self.cache_id, self.failed = None, None, False
+        self.graph, self.cache_id, self.failed, self.buf = None, None, False, None
 
-    def __call__(self, proposer, a_root: torch.Tensor, L: int):
+    def run(self, proposer) -> torch.Tensor:
+        """The recorded function: buffers -> [2, N] (the tree's target-vocabulary tokens; its parents)."""
+        b = self.buf
+        a = proposer.read_rows(b["hidden"], b["ids"], b["start"])                  # [P, d]
+        a_root = a.index_select(0, (b["n"] - 1).view(1))                           # [1, d]
+        tree = proposer.grow(a_root, b["start"] + b["n"], proposer.total_tokens)   # L = start + n
+        return torch.stack([proposer.d2t[tree.tokens], tree.parents])
+
+    def __call__(self, proposer, tokens: list[int], hidden: dict):
         if self.failed:
             return None
-        if self.graph is None or self.cache_id != id(proposer.cache.k):
-            try:
-                self._capture(proposer, a_root, L)
-            except Exception as e:                                   # noqa: BLE001 - any capture problem
-                import warnings
-                warnings.warn(f"eagle3: CUDA graph capture failed ({e}); growing trees eagerly")
-                self.failed = True
-                return None
-        self.a_root.copy_(a_root)
-        self.L.fill_(L)
-        self.graph.replay()
-        return self.tree
+        L, P = len(tokens) - 1, proposer.depth + 1
+        start = proposer.check_start(L, hidden)
+        proposer._ensure_capacity(L + max(proposer.max_rows, P) + 1)
+        dev = proposer.head.device
+        ids = torch.tensor(tokens[start + 1:L + 1], device=dev)
+        n = ids.shape[0]
+        if n > P:                           # the prompt: all but the last P entries eagerly
+            proposer.read_rows({l: h[:n - P] for l, h in hidden.items()}, ids[:n - P], start)
+            hidden, ids, start, n = {l: h[n - P:] for l, h in hidden.items()}, ids[n - P:], start + n - P, P
+        if self.buf is None:
+            some = hidden[proposer.hidden_layers[0]]
+            self.buf = {"hidden": {l: some.new_zeros(P, some.shape[-1]) for l in proposer.hidden_layers},
+                        "ids": torch.zeros(P, dtype=torch.long, device=dev),
+                        "start": torch.zeros((), dtype=torch.long, device=dev),
+                        "n": torch.ones((), dtype=torch.long, device=dev)}
+        b = self.buf
+        for l in proposer.hidden_layers:
+            b["hidden"][l][:n].copy_(hidden[l])
+        b["ids"][:n].copy_(ids)
+        b["start"].fill_(start)
+        b["n"].fill_(n)
+        if dev.type != "cuda":
+            out = self.run(proposer)
+        else:
+            if self.graph is None or self.cache_id != id(proposer.cache.k):
+                try:
+                    self._capture(proposer)
+                except Exception as e:                               # noqa: BLE001 - any capture problem
+                    import warnings
+                    warnings.warn(f"eagle3: CUDA graph capture failed ({e}); proposing eagerly")
+                    self.failed = True
+                    return None
+            self.graph.replay()
+            out = self.out
+        proposer.length = L
+        out = out.cpu()
+        return out[0], out[1]
 
-    def _capture(self, proposer, a_root, L):
-        self.a_root, self.L = a_root.clone(), torch.full((), L, dtype=torch.long, device=a_root.device)
+    def _capture(self, proposer):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):                                       # warm-up: kernels chosen, memory allocated
-                proposer.grow(self.a_root, self.L, proposer.total_tokens)
+                self.run(proposer)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.tree = proposer.grow(self.a_root, self.L, proposer.total_tokens)
+            self.out = self.run(proposer)
         self.cache_id = id(proposer.cache.k)
 
 
@@ -648,7 +702,7 @@ def build(models=None, checkpoint=None, top_k: int | None = None, depth: int | N
     chain=True: the chain variant (top_k 1: one token per level, `depth` tokens). Tree sizes default to
     TREE_DEFAULTS of the target's device. checkpoint: default checkpoint_path("eagle3", profile) (under
     `tiny` one is trained in seconds; train_options such as ttt_steps=1 pick which). graph: on a GPU, replay
-    the greedy tree growth from a CUDA graph (TreeGraph); False keeps it eager."""
+    each greedy proposal from one CUDA graph (ProposeGraph); False keeps it eager."""
     if models is None:
         raise ValueError("eagle3 needs models (from load_profile): it reads the target's features")
     from ..checkpoint import ensure_checkpoint
