@@ -121,6 +121,8 @@ def grouped_attention(q, k, v, mask):
     (measured: book/setup.md); longer prefills and GPUs use SDPA.
     """
     B, nh, T, hd = q.shape
+    if q.is_cuda and q.requires_grad and torch.is_grad_enabled():
+        return attention_for_training(q, k, v, mask)
     if (q.is_cuda and mask.dim() < 4) or T > 64:
         # The fused kernel wins on a GPU (measured on an H200: notes/gpu_performance.md; the two
         # small matmuls below get generic GEMM kernels there) and for long prefills on a CPU
@@ -139,6 +141,23 @@ def grouped_attention(q, k, v, mask):
     scores = scores.view(B, nkv, rep, T, -1) + mask.float()             # same mask for every head
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, nkv, rep * T, -1)
     return (probs @ v).view(B, nh, T, hd)
+
+
+def attention_for_training(q, k, v, mask):
+    """SDPA for a forward that will be differentiated (training on a GPU): same shapes and result as
+    grouped_attention, with each kv head repeated for its rep query heads and cuDNN left out.
+
+    subtle: torch 2.11's cuDNN attention backward returns NaN in dq when an explicit mask is given and
+    the sequence length is 64 mod 128 (pytorch/pytorch#196678, reached through Qwen2.5's attention-sink
+    heads). PARD's drop-token training feeds a different number of rows every step and went NaN near
+    step 85 on the H200 (2026-11-29); every new length also cost cuDNN a graph build. The memory-
+    efficient kernel takes a mask and builds nothing; it does not group heads, hence the repeat (keys
+    and values are small next to the attention scores it never stores)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # query head h reads kv head h // rep
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
 
 
 class RMSNorm(nn.Module):

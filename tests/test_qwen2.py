@@ -99,3 +99,26 @@ def test_real_1_5b_matches_transformers():
         for path in root_to_leaf_paths(torch.tensor(parents)):
             ref = hf(torch.tensor([seq[:17] + [tokens[i] for i in path]])).logits[0, 16:]
             assert (logits[0, [0] + [i + 1 for i in path]] - ref).abs().max().item() <= TOL
+
+
+def test_training_attention_equals_grouped_attention():
+    """attention_for_training (a GPU forward that will be differentiated: kv heads repeated, cuDNN left out,
+    because of its masked-backward NaN) computes what grouped_attention does, values and gradients, here
+    on the CPU with a tree-like mask and 3 query heads per kv head."""
+    from specdec_lib.qwen2 import attention_for_training, grouped_attention
+    g = torch.Generator().manual_seed(0)
+    B, nh, nkv, T, S, hd = 2, 6, 2, 5, 9, 8
+    q = torch.randn(B, nh, T, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, nkv, S, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, nkv, S, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    visible = torch.rand(T, S, generator=g) < 0.6
+    visible[:, 0] = True                                    # every row sees something
+    mask = torch.zeros(T, S, dtype=torch.float64).masked_fill(~visible, float("-inf"))
+    outs, grads = [], []
+    for fn in (grouped_attention, attention_for_training):
+        out = fn(q, k, v, mask)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * out.detach().sin()).sum(), (q, k, v)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)     # grouped_attention scores in float32
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
