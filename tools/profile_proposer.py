@@ -52,6 +52,11 @@ def main():
                                            "captured" if graph.graph is not None else "not captured")
         print(f"\n=== {spec}: {len(res.steps)} steps, tau {len(res.tokens) / len(res.steps):.2f}; median per step: "
               f"propose {ms('propose_s'):.2f} ms, verify {ms('verify_s'):.2f} ms; graph: {state}")
+        if on_gpu and state == "captured":
+            # the recorded proposal alone, replayed on the last step's inputs (it rewrites the same cache
+            # slots with the same values): the device time of the graph, without the verify's tail
+            from specdec_lib.timing import cuda_time
+            print(f"    graph replay alone: {1e3 * cuda_time(graph.graph.replay, reps=50, warmup=5):.3f} ms")
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with profile(activities=acts) as prof:
             generate(models.target, prop, prompt, min(a.tokens, 16), eos_ids=EOS_IDS)
