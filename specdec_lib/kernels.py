@@ -16,6 +16,10 @@ layer is five kernels plus two for attention, each projection one pass over its 
 The RMSNorm is folded into the projection that follows it: rmsnorm(x) @ W^T = ((x * g) @ W^T) / rms(x),
 and rms(x) is accumulated from the same x tiles the product loads, so the norm costs no extra pass.
 
+Each projection's launch configuration is timed once per shape on the GPU (`_candidates`); for a few
+rows (T > 4) one candidate is split-K, two kernels instead of one: partial sums over slices of K, so
+that a projection with few output rows (N = 1536) still keeps every multiprocessor reading weights.
+
 Numbers: in float32 the fused step matches Qwen2.forward to ~1e-5 (tests/test_kernels.py runs the
 kernels in Triton's CPU interpreter); in bf16 it rounds in different places (the norm and RoPE
 stay in float32 longer), like any k-token forward against k 1-token forwards: divergence is
@@ -40,7 +44,8 @@ MAX_T = 16   # the fused path serves steps of at most this many new tokens
 # padded to BT = 16 (tensor cores, tokens as M); "swap" = tl.dot with the weights as M and the padded
 # tokens as N ("swap-AB"); False = multiply-and-sum on CUDA cores over BT = next power of two >= T rows;
 # acc2d (T = 1): keep a [BN, BK] running product and sum it once at the end, so the loop carries no
-# cross-thread reduction and the next tile's loads are not held up by one.
+# cross-thread reduction and the next tile's loads are not held up by one; "3d" (T > 1): the same
+# with a [BT, BN, BK] running product; "splitk": see _linear_partial_kernel.
 # BN output rows per program, BK inputs per loop step. Small BN gives enough programs to keep all 132
 # multiprocessors streaming even when N is only 1536. `_pick_config` times the candidates once per
 # shape on the GPU (outside any graph capture: the runner's warm-up does it) and keeps the fastest.
@@ -55,12 +60,24 @@ def _candidates(T: int, itemsize: int = 2) -> list[tuple]:
                 (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 8), (16, 256, 8))]
     bt = triton.next_power_of_2(T)
     fma = [(False, False, bt, bn, max(32, min(1024, 8192 // (bt * bn))), 4, 3) for bn in (4, 8, 16)]
+    # "3d": acc2d for a few rows. Each program keeps a [BT, BN, BK] running product and reduces it
+    # once after the loop, so the loop never waits on a cross-thread sum. Added after the H200
+    # profile of 2026-11-29 (e): the linear kernels took 1.08 ms at T = 1 but 1.50 ms at T = 16, and
+    # a 2-token step cost 1.32 target steps, although the weights are read once either way.
+    acc3 = [(False, "3d", bt, p // (bt * bk), bk, w, 1) for p, bk, w in ((4096, 256, 4), (8192, 512, 8))
+            if 2 <= p // (bt * bk) <= 16]
     dot = [(True, False, MAX_T, bn, bk, 4, st) for bn, bk, st in ((16, 256, 4), (32, 128, 4), (64, 64, 3))]
     # swap-AB: the weights are the M operand (BN = 64 / 128 rows, what Hopper's wgmma wants), the
     # tokens padded to 16 are N. Kept only where the tuner times it faster, so it cannot slow a step.
     swap = [("swap", False, MAX_T, bn, bk * 2 // itemsize, w, st) for bn, bk, w, st in (
         (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4))]
-    return fma + dot + swap
+    # split-K swap-AB (T > 4): a [BN, BK] weight tile times the padded tokens, each program over one of
+    # SPLIT slices of K, partial sums in float32, then one small kernel adds them up. With N = 1536 (o_proj,
+    # down_proj of the 1.5B) swap-AB alone has 24 programs for 132 multiprocessors; split 8 ways, 192.
+    # The acc2d field holds the number of slices.
+    splitk = [("splitk", split, MAX_T, bn, bk * 2 // itemsize, w, st) for bn, bk, split, w, st in (
+        (64, 128, 4, 4, 3), (64, 128, 8, 4, 3), (128, 64, 4, 8, 3))] if T > 4 else []
+    return fma + acc3 + dot + swap + splitk
 
 
 _chosen: dict[tuple, tuple] = {}   # memo: shape key -> the configuration timed fastest
@@ -86,6 +103,12 @@ def _pick_config(key, T: int, launch, itemsize: int = 2) -> tuple:
         try:
             times[cfg] = cuda_time(lambda: launch(cfg), reps=9, warmup=1, before=flush.max)
         except triton.runtime.errors.OutOfResources:     # e.g. shared memory: this tile does not fit here
+            continue
+        except triton.compiler.errors.CompilationError as e:
+            # a candidate this GPU's compiler rejects is one the tuner cannot use; tools/gpu_check.py
+            # compiles every candidate and fails on it, so it does not pass unseen
+            import warnings
+            warnings.warn(f"kernels: configuration {cfg} does not compile here ({type(e).__name__}); skipped")
             continue
     _chosen[key] = min(times, key=times.get)
     return _chosen[key]
@@ -113,7 +136,9 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
                    T, N, K: tl.constexpr, stride_xt, stride_xh, eps,
                    XHD: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                    RESIDUAL: tl.constexpr, DOT: tl.constexpr, ACC2D: tl.constexpr, BT: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = False):
+                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr = False,
+                   ACC3: tl.constexpr = False, A3T: tl.constexpr = 1, A3N: tl.constexpr = 1,
+                   A3K: tl.constexpr = 1):
     """y[t, n] = act(sum_k xn[t, k] W[n, k] + b[n]) (+ r[t, n]) for BN output rows n of this program.
 
     x[t, k] lives at x_ptr + t * stride_xt + (k // XHD) * stride_xh + k % XHD, so attention's output
@@ -121,6 +146,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     NORM: xn = x * g / rms(x[t]); SWIGLU: W is [2N, K] (gate rows, then up rows), y = silu(gate) * up.
     DOT: tl.dot on rows padded to BT = 16; else multiply-and-sum on CUDA cores; PREC: the float32
     dot's precision ("ieee" for float32 weights, where the default tf32 would round).
+    ACC3: running products [A3T, A3N, A3K] = [BT, BN, BK], summed once after the loop (else [1, 1, 1]:
+    the shape is passed in so that a configuration that does not use it allocates nothing).
     """
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)                        # [BN] output rows
@@ -132,6 +159,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     acc_s = tl.zeros((BN, BT), dtype=tl.float32)            # SWAP: the product transposed, W @ x^T
     acc_s_up = tl.zeros((BN, BT), dtype=tl.float32)
     acc2_up = tl.zeros((BN, BK), dtype=tl.float32)
+    acc3 = tl.zeros((A3T, A3N, A3K), dtype=tl.float32)     # ACC3: running products (T > 1)
+    acc3_up = tl.zeros((A3T, A3N, A3K), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)                  # sum of squares of x per row (NORM)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -147,6 +176,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)  # [BN, BK]
         if ACC2D:
             acc2 += x.to(tl.float32) * w.to(tl.float32)
+        elif ACC3:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         elif SWAP:
             acc_s += tl.dot(w, tl.trans(x), input_precision=PREC)
         else:
@@ -155,6 +186,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
             u = tl.load(w_ptr + (rn + N)[:, None] * K + rk[None, :], mask=wmask, other=0.0)
             if ACC2D:
                 acc2_up += x.to(tl.float32) * u.to(tl.float32)
+            elif ACC3:
+                acc3_up += x.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :]
             elif SWAP:
                 acc_s_up += tl.dot(u, tl.trans(x), input_precision=PREC)
             else:
@@ -162,6 +195,9 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     if ACC2D:
         acc = tl.sum(acc2, axis=1)[None, :]
         acc_up = tl.sum(acc2_up, axis=1)[None, :]
+    if ACC3:
+        acc = tl.sum(acc3, axis=2)
+        acc_up = tl.sum(acc3_up, axis=2)
     if SWAP:                                               # transposed once, after the loop
         acc = tl.trans(acc_s)
         acc_up = tl.trans(acc_s_up)
@@ -174,6 +210,84 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up          # silu(gate) * up
     omask = tmask[:, None] & nmask[None, :]
+    if RESIDUAL:
+        acc += tl.load(r_ptr + rt[:, None] * N + rn[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rt[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _linear_partial_kernel(x_ptr, w_ptr, g_ptr, p_ptr, s_ptr, T, N, K: tl.constexpr, stride_xt, stride_xh,
+                           XHD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, BT: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr, PREC: tl.constexpr):
+    """Split-K, first half. Program (n, s): BN weight rows times the tokens (padded to BT = 16) over the
+    s-th slice of K (KSPLIT inputs), as swap-AB (weights as tl.dot's M operand). Writes the partial sums
+    P[s, t, n] in float32 (P[s, t, N + n]: the up rows, SWIGLU) and, program (0, s), S[s, t]: the slice's
+    sum of squares of x[t] (NORM). The norm's scale g is applied to x here, its 1/rms after the sum."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rt = tl.arange(0, BT)
+    nmask, tmask = rn < N, rt < T
+    acc = tl.zeros((BN, BT), dtype=tl.float32)
+    acc_up = tl.zeros((BN, BT), dtype=tl.float32)
+    ss = tl.zeros((BT,), dtype=tl.float32)
+    k_start = pid_s * KSPLIT
+    for k0 in range(k_start, k_start + KSPLIT, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < K
+        xp = x_ptr + rt[:, None] * stride_xt + (rk // XHD)[None, :] * stride_xh + (rk % XHD)[None, :]
+        x = tl.load(xp, mask=tmask[:, None] & kmask[None, :], other=0.0)          # [BT, BK]
+        if NORM:
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
+            g = tl.load(g_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+            x = (xf * g[None, :]).to(w_ptr.dtype.element_ty)
+        wmask = nmask[:, None] & kmask[None, :]
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)  # [BN, BK]
+        acc += tl.dot(w, tl.trans(x), input_precision=PREC)
+        if SWIGLU:
+            u = tl.load(w_ptr + (rn + N)[:, None] * K + rk[None, :], mask=wmask, other=0.0)
+            acc_up += tl.dot(u, tl.trans(x), input_precision=PREC)
+    NP = 2 * N if SWIGLU else N                             # P's row length
+    out = p_ptr + pid_s * BT * NP + rt[None, :] * NP + rn[:, None]                 # [BN, BT] of P[s]
+    omask = nmask[:, None] & tmask[None, :]
+    tl.store(out, acc, mask=omask)
+    if SWIGLU:
+        tl.store(out + N, acc_up, mask=omask)
+    if NORM:
+        if pid_n == 0:                                      # every program of slice s has the same ss
+            tl.store(s_ptr + pid_s * BT + rt, ss, mask=tmask)
+
+
+@triton.jit
+def _linear_sum_kernel(p_ptr, s_ptr, b_ptr, r_ptr, y_ptr, T, N, K: tl.constexpr, eps, SPLIT: tl.constexpr,
+                       NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BT: tl.constexpr, BN: tl.constexpr):
+    """Split-K, second half: y = act(sum over slices of P (+ bias)) (+ r), as _linear_kernel's epilogue."""
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    rt = tl.arange(0, BT)
+    nmask, tmask = rn < N, rt < T
+    omask = tmask[:, None] & nmask[None, :]
+    NP = 2 * N if SWIGLU else N
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BT, BN), dtype=tl.float32)
+    ss = tl.zeros((BT,), dtype=tl.float32)
+    for sl in tl.static_range(SPLIT):
+        part = p_ptr + sl * BT * NP + rt[:, None] * NP + rn[None, :]
+        acc += tl.load(part, mask=omask, other=0.0)
+        if SWIGLU:
+            acc_up += tl.load(part + N, mask=omask, other=0.0)
+        if NORM:
+            ss += tl.load(s_ptr + sl * BT + rt, mask=tmask, other=0.0)
+    if NORM:
+        rinv = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * rinv[:, None]
+        acc_up = acc_up * rinv[:, None]
+    if BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if RESIDUAL:
         acc += tl.load(r_ptr + rt[:, None] * N + rn[None, :], mask=omask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rt[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
@@ -211,11 +325,29 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias=None, norm=None, eps: float = 
     dummy = w   # unused pointer arguments (their branch is compiled out)
     def launch(cfg):
         dot, acc2d, bt, bn, bk, warps, stages = cfg
+        if dot == "splitk":
+            # K cut into slices of whole BK tiles; the slices' partial sums go through float32 buffers
+            kslice = triton.cdiv(triton.cdiv(K, acc2d), bk) * bk
+            split = triton.cdiv(K, kslice)
+            NP = 2 * N if swiglu else N
+            part = torch.empty(split, bt, NP, device=w.device, dtype=torch.float32)
+            sums = torch.empty(split, bt, device=w.device, dtype=torch.float32)
+            _linear_partial_kernel[(triton.cdiv(N, bn), split)](
+                x, w, norm if norm is not None else dummy, part, sums, T, N, K, stride_xt, stride_xh,
+                XHD=xhd, NORM=norm is not None, SWIGLU=swiglu, BT=bt, BN=bn, BK=bk, KSPLIT=kslice,
+                PREC="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+            _linear_sum_kernel[(triton.cdiv(N, 64),)](
+                part, sums, bias if bias is not None else dummy, residual if residual is not None else dummy, y,
+                T, N, K, eps, SPLIT=split, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
+                RESIDUAL=residual is not None, BT=bt, BN=64, num_warps=4)
+            return
         _linear_kernel[(triton.cdiv(N, bn),)](
             x, w, bias if bias is not None else dummy, norm if norm is not None else dummy,
             residual if residual is not None else dummy, y, T, N, K, stride_xt, stride_xh, eps,
             XHD=xhd, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-            DOT=dot is True, SWAP=dot == "swap", ACC2D=acc2d, BT=bt, BN=bn, BK=bk, PREC="ieee" if w.dtype == torch.float32 else "tf32",
+            DOT=dot is True, SWAP=dot == "swap", ACC2D=acc2d is True, BT=bt, BN=bn, BK=bk,
+            PREC="ieee" if w.dtype == torch.float32 else "tf32", ACC3=acc2d == "3d",
+            A3T=bt if acc2d == "3d" else 1, A3N=bn if acc2d == "3d" else 1, A3K=bk if acc2d == "3d" else 1,
             num_warps=warps, num_stages=stages)
 
     key = (N, K, triton.next_power_of_2(T), swiglu, norm is not None, xhd, w.element_size())

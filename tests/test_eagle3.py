@@ -234,9 +234,9 @@ def test_drafter_attention_width_is_static(tiny):
     prop = make_proposer("eagle3", tiny, top_k=2, depth=3, total_tokens=6)
     widths, forward = [], prop.drafter.forward
 
-    def spy(feature, token_emb, pos, k_cache, v_cache, slots, mask):
+    def spy(feature, token_emb, pos, k_cache, v_cache, slots, mask, block_fn=None):
         widths.append(mask.shape[-1])
-        return forward(feature, token_emb, pos, k_cache, v_cache, slots, mask)
+        return forward(feature, token_emb, pos, k_cache, v_cache, slots, mask, block_fn)
     prop.drafter.forward = spy
     generate(tiny.target, prop, list(range(300, 340)), 24)
     assert len(widths) > 10 and set(widths) == {prop.cache.max_len}
@@ -303,3 +303,37 @@ def test_sampled_tree_is_lossless():
     exp = [trials * x for x in (0.1, 0.2, 0.3, 0.4)]
     exp = [e * sum(obs) / sum(exp) for e in exp]
     assert chisquare(obs, exp).pvalue > 1e-3, obs
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # importing torch._dynamo
+def test_block_fn_runs_every_drafter_layer_call(tiny):
+    """compile_block passes torch.compile(Block.forward) to every drafter call (context read and tree
+    levels); a spy in its place sees them all and changes nothing. (Compiling itself is measured on the
+    GPU: tools/gpu_check.py, tools/profile_proposer.py.)"""
+    from specdec_lib.qwen2 import Block
+    prompt = list(range(300, 340))
+    ref = make_proposer("eagle3", tiny, top_k=2, depth=3, total_tokens=6)
+    ref_drafts = [d for d in _drafts(tiny, ref, prompt)]
+    prop = make_proposer("eagle3", tiny, top_k=2, depth=3, total_tokens=6, compile_block=True)
+    assert prop.block_fn is not None and ref.block_fn is None
+    calls = []
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return Block.forward(*args)
+    prop.block_fn = spy
+    assert _drafts(tiny, prop, prompt) == ref_drafts
+    assert len(calls) > len(ref_drafts)              # one context read and depth - 1 levels per step
+
+
+def _drafts(models, prop, prompt):
+    out = []
+    inner = prop.propose
+
+    def record(ctx):
+        d = inner(ctx)
+        out.append((d.tokens.tolist(), d.parents.tolist()))
+        return d
+    prop.propose = record
+    generate(models.target, prop, prompt, 16)
+    return out

@@ -21,17 +21,26 @@ CONFIG = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=176, num_
                      num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 16])
 def test_linear_variants(T):
     """Every launch configuration the tuner may pick computes the same thing."""
     for config in _candidates(T, itemsize=4):      # float32 here
         _check_linear(T, config)
 
 
-def _check_linear(T, config):
+@pytest.mark.parametrize("T", [5, 16])
+def test_linear_split_k(T):
+    """Split-K (partial sums over slices of K, then one sum kernel) with 2, 4 and 8 slices: K = 296 in
+    tiles of 32 inputs (the tile size the float32 candidates use); norm, bias, SwiGLU, residual, and
+    attention's output read in place."""
+    for split, bk in ((2, 32), (4, 32), (8, 32), (4, 64)):
+        _check_linear(T, ("splitk", split, 16, 16, bk, 4, 1), K=296)
+
+
+def _check_linear(T, config, K=40):
     g = torch.Generator().manual_seed(T)
-    x, w = torch.randn(T, 40, generator=g), torch.randn(24, 40, generator=g)
-    b, r, nw = torch.randn(24, generator=g), torch.randn(T, 24, generator=g), torch.rand(40, generator=g) + 0.5
+    x, w = torch.randn(T, K, generator=g), torch.randn(24, K, generator=g)
+    b, r, nw = torch.randn(24, generator=g), torch.randn(T, 24, generator=g), torch.rand(K, generator=g) + 0.5
     to = lambda *ts: [t.to(DEV) for t in ts]  # noqa: E731
     x, w, b, r, nw = to(x, w, b, r, nw)
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
@@ -41,8 +50,8 @@ def _check_linear(T, config):
     torch.testing.assert_close(linear(x, w, norm=nw, swiglu=True, config=config), torch.nn.functional.silu(gate) * up,
                                atol=1e-4, rtol=1e-4)
     # attention output [1, nh, T, hd] read in place as [T, nh * hd]
-    att = torch.randn(1, 5, T, 8, generator=g).to(DEV)
-    flat = att.transpose(1, 2).reshape(T, 40)
+    att = torch.randn(1, K // 8, T, 8, generator=g).to(DEV)
+    flat = att.transpose(1, 2).reshape(T, K)
     torch.testing.assert_close(linear(att, w, head_dim=8, config=config), flat @ w.T, atol=1e-4, rtol=1e-4)
 
 

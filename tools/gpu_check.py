@@ -6,7 +6,7 @@
                                        interpreter, no torch.compile; smaller model (a few minutes)
 
 Checks, each printed as `ok` / `FAIL`:
-1. the fused kernels (every launch configuration the tuner may pick) against torch, T = 1, 3, 16;
+1. the fused kernels (every launch configuration the tuner may pick) against torch, T = 1, 2, 3, 8, 16;
 2. one copy: fusing adds no parameter bytes;
 3. for each way a GraphRunner can run a step (plain graphs, compiled graphs, fused graphs): the logits,
    hidden states and cache rows of every bucket size, including steps that are padded (T = 3, 5, 7, 9,
@@ -67,7 +67,7 @@ SHAPES = Qwen2Config(vocab_size=2048, hidden_size=1536, intermediate_size=8960, 
 
 # 1. the linear kernel, every configuration
 g = torch.Generator().manual_seed(0)
-for T in (1, 3, 16):
+for T in (1, 2, 3, 8, 16):
     x, w = torch.randn(T, 96, generator=g).to(DEV), torch.randn(48, 96, generator=g).to(DEV)
     nw, b = (torch.rand(96, generator=g) + 0.5).to(DEV), torch.randn(48, generator=g).to(DEV)
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
@@ -211,19 +211,24 @@ with torch.no_grad():                   # make the drafter's layer matter (its d
         w.add_(torch.randn_like(w) * 0.2)
 ref64 = generate(t64, base, p, N).tokens
 eagle_runs = {}
-for graph in (False, True):
+# (graph, compile_block): eager; the recorded proposal; on a GPU also with the layer through torch.compile
+for graph, compiled in [(False, False), (True, False)] + ([] if CPU else [(True, True)]):
     prop = Recorder(Eagle3Proposer(drafter, t64.model.embed_tokens.weight, t64.lm_head.weight, top_k=4,
-                                   depth=4, total_tokens=12, graph=graph))
+                                   depth=4, total_tokens=12, graph=graph, compile_block=compiled))
     if CPU and graph:                   # no CUDA graph here: the recorded function runs eagerly
         prop.inner.graph = ProposeGraph()
     r = generate(t64, prop, p, N)
-    eagle_runs[graph] = (r.tokens, prop.drafts, prop.inner.graph is not None and not prop.inner.graph.failed)
-(eager_toks, eager_drafts, _), (graph_toks, graph_drafts, replayed) = eagle_runs[False], eagle_runs[True]
+    eagle_runs[graph, compiled] = (r.tokens, prop.drafts,
+                                   prop.inner.graph is not None and not prop.inner.graph.failed)
+eager_toks, eager_drafts, _ = eagle_runs[False, False]
 check("eagle3: eager proposal == eager baseline (float64)", eager_toks == ref64)
-check(f"eagle3: the proposal (padded context read + tree) {'replayed from its CUDA graph' if not CPU else 'run eagerly'}"
-      " proposes the eager path's trees, step by step",
-      graph_toks == ref64 and graph_drafts == eager_drafts and replayed,
-      f"{sum(a == b for a, b in zip(graph_drafts, eager_drafts))} of {len(eager_drafts)} drafts equal")
+for (graph, compiled), (toks, drafts, replayed) in eagle_runs.items():
+    if not graph:
+        continue
+    how = "replayed from its CUDA graph" if not CPU else "run eagerly"
+    check(f"eagle3: the proposal (padded context read + tree{', compiled layer' if compiled else ''}) {how}"
+          " proposes the eager path's trees, step by step", toks == ref64 and drafts == eager_drafts and replayed,
+          f"{sum(a == b for a, b in zip(drafts, eager_drafts))} of {len(eager_drafts)} drafts equal")
 
 print("ALL OK" if not failures else f"FAILED: {len(failures)} check(s): " + "; ".join(failures))
 sys.exit(1 if failures else 0)

@@ -115,17 +115,19 @@ class Eagle3Drafter(nn.Module):
         """[..., h] of each chosen layer -> g [..., d]."""
         return self.fuse(torch.cat([n(h) for n, h in zip(self.feature_norms, hidden)], dim=-1))
 
-    def forward(self, feature, token_emb, pos, k_cache, v_cache, slots, mask) -> torch.Tensor:
+    def forward(self, feature, token_emb, pos, k_cache, v_cache, slots, mask, block_fn=None) -> torch.Tensor:
         """One pass of the decoder layer over T entries.
 
         feature [B, T, d]: g (fused target features) or the drafter's own earlier output a;
         token_emb [B, T, h]: the target's embedding of the token each entry reads;
         pos [B or 1, T] RoPE positions; k_cache, v_cache [B, nkv, S_max, hd]; slots [T]; mask [T, S] bool.
-        Returns a [B, T, d] (fed back as the next depth's feature)."""
+        block_fn: what runs the decoder layer (default Block.forward; a GPU proposer may pass
+        torch.compile(Block.forward), as the target's graph runner does). Returns a [B, T, d]
+        (fed back as the next depth's feature)."""
         x = feature + self.embed_proj(self.embed_norm(token_emb))
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         add = torch.zeros(mask.shape, dtype=torch.float32, device=x.device).masked_fill(~mask, float("-inf"))
-        return Block.forward(self.block, x, cos, sin, k_cache, v_cache, slots, add)
+        return (block_fn or Block.forward)(self.block, x, cos, sin, k_cache, v_cache, slots, add)
 
     def head_input(self, a: torch.Tensor) -> torch.Tensor:
         """a [..., d] -> [..., h], in the space of the target's final hidden state (where its LM head reads)."""
@@ -458,7 +460,8 @@ class Eagle3Proposer:
     its ancestors and itself), so a level costs one drafter forward and no host sync."""
 
     def __init__(self, drafter: Eagle3Drafter, embed: torch.Tensor, lm_head: torch.Tensor, top_k: int = 8,
-                 depth: int = 6, total_tokens: int = 48, name: str | None = None, graph: bool = True):
+                 depth: int = 6, total_tokens: int = 48, name: str | None = None, graph: bool = True,
+                 compile_block: bool = False):
         if top_k < 1 or depth < 1 or total_tokens < 1:
             raise ValueError(f"need top_k, depth, total_tokens >= 1, got {top_k}, {depth}, {total_tokens}")
         self.drafter, self.embed = drafter.eval(), embed
@@ -475,6 +478,9 @@ class Eagle3Proposer:
         self.fed_per_step: list[int] = []
         # a greedy proposal replayed from one CUDA graph on a GPU (see ProposeGraph); None: always eager
         self.graph = ProposeGraph() if graph and drafter.d2t.is_cuda else None
+        # compile_block: the decoder layer through torch.compile, which fuses its norms, RoPE and SwiGLU
+        # into a few kernels (a proposal is several hundred small kernels; measured on the GPU only)
+        self.block_fn = torch.compile(Block.forward, dynamic=True) if compile_block else None
 
     def reset(self, prompt_ids) -> None:
         self.length, self.fed_per_step = 0, []
@@ -527,7 +533,8 @@ class Eagle3Proposer:
         g = self.drafter.fuse_features([hidden[l][None].to(self.head.dtype) for l in self.hidden_layers])
         at = start + torch.arange(ids.shape[0], device=dev)                       # [T] positions = slots
         mask = torch.arange(self.cache.max_len, device=dev)[None] <= at[:, None]  # [T, W] causal
-        a = self.drafter(g, self.embed[ids][None], at[None], self.cache.k[0], self.cache.v[0], at, mask)
+        a = self.drafter(g, self.embed[ids][None], at[None], self.cache.k[0], self.cache.v[0], at, mask,
+                         self.block_fn)
         return a[0]
 
     def new_rows(self, a_root: torch.Tensor) -> dict:
@@ -556,7 +563,7 @@ class Eagle3Proposer:
         mask[:, L + torch.arange(anc.shape[1], device=dev)] = anc[rows]      # + ancestors and itself
         pos = (L + level - 1 + torch.zeros(1, Fn, dtype=torch.long, device=dev))
         a = self.drafter(out[parent_rows][None], self.embed[self.d2t[tokens]][None], pos,
-                         self.cache.k[0], self.cache.v[0], L + rows - 1, mask)[0]
+                         self.cache.k[0], self.cache.v[0], L + rows - 1, mask, self.block_fn)[0]
         out[rows] = a
         return self.logp(a)
 
@@ -696,13 +703,14 @@ def load_drafter(path, models) -> Eagle3Drafter:
 
 def build(models=None, checkpoint=None, top_k: int | None = None, depth: int | None = None,
           total_tokens: int | None = None, chain: bool = False, name: str | None = None, graph: bool = True,
-          **train_options):
+          compile_block: bool = False, **train_options):
     """make_proposer("eagle3", models, total_tokens=12, depth=5): the dynamic-tree proposer.
 
     chain=True: the chain variant (top_k 1: one token per level, `depth` tokens). Tree sizes default to
     TREE_DEFAULTS of the target's device. checkpoint: default checkpoint_path("eagle3", profile) (under
     `tiny` one is trained in seconds; train_options such as ttt_steps=1 pick which). graph: on a GPU, replay
-    each greedy proposal from one CUDA graph (ProposeGraph); False keeps it eager."""
+    each greedy proposal from one CUDA graph (ProposeGraph); False keeps it eager. compile_block: run the
+    drafter's decoder layer through torch.compile (Eagle3Proposer)."""
     if models is None:
         raise ValueError("eagle3 needs models (from load_profile): it reads the target's features")
     from ..checkpoint import ensure_checkpoint
@@ -715,4 +723,4 @@ def build(models=None, checkpoint=None, top_k: int | None = None, depth: int | N
     top_k, total_tokens = top_k or d["top_k"], total_tokens or d["total_tokens"]
     t = models.target
     return Eagle3Proposer(drafter, t.model.embed_tokens.weight, t.lm_head.weight, top_k, depth, total_tokens, name,
-                          graph)
+                          graph, compile_block)

@@ -12,7 +12,8 @@ stamp start
 use_new_checkpoints
 $PY tools/profile_verify.py 1.5b --out "$OUT/profile_verify_1.5b.json" || echo "profile_verify failed"
 stamp "profile_verify done"
-$PY tools/profile_proposer.py "eagle3:total_tokens=15" "eagle3:chain=true:depth=5" "medusa:draft_len=15" \
+$PY tools/profile_proposer.py "eagle3:total_tokens=15" "eagle3:total_tokens=15:compile_block=true" \
+    "eagle3:chain=true:depth=5" "medusa:draft_len=15" \
     --tokens 64 --rows 25 || echo "profile_proposer failed"
 stamp "profile_proposer done"
 $PY tools/sdpa_shape_cost.py --out "$OUT/sdpa_shape_cost.json" || echo "sdpa_shape_cost failed"
