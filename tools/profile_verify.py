@@ -95,6 +95,14 @@ def main():
                                                                         for b, t in tables.items()}}
         del r
         torch.cuda.empty_cache()
+    from specdec_lib.kernels import tuned_configs
+    result["tuned_linear_configs"] = tuned_configs()      # what the tuner kept, per projection shape and T
+    picked = {}
+    for key, cfg in result["tuned_linear_configs"].items():
+        kind = cfg["dot"] if cfg["dot"] in ("swap", "splitk") else "3d" if cfg["acc2d"] == "3d" else \
+            "acc2d" if cfg["acc2d"] is True else "dot" if cfg["dot"] is True else "fma"
+        picked[kind] = picked.get(kind, 0) + 1
+    print("linear configurations the tuner kept, by kind:", picked)
     if a.out:
         _pathlib.Path(a.out).write_text(json.dumps(result, indent=1))
         print("wrote", a.out)
