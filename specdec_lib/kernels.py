@@ -132,6 +132,27 @@ def _rows_times_tile(x, w, DOT: tl.constexpr, BT: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
+def _tiles(x_ptr, g_ptr, w_ptr, rt, rn, k0, tmask, nmask, K: tl.constexpr, BK: tl.constexpr, stride_xt, stride_xh,
+           XHD: tl.constexpr, NORM: tl.constexpr):
+    """What one loop step multiplies: the tile of x at token rows rt and inputs rk = k0 .. k0 + BK - 1
+    ([BT, BK], in the weights' dtype; NORM: scaled by the norm's weight g, its 1/rms comes after the
+    product) and the weights' tile at rows rn ([BN, BK]). Also returns rk and the weights' mask (SwiGLU
+    loads its up rows with them) and each token row's sum of squares over these inputs."""
+    rk = k0 + tl.arange(0, BK)
+    kmask = rk < K
+    xp = x_ptr + rt[:, None] * stride_xt + (rk // XHD)[None, :] * stride_xh + (rk % XHD)[None, :]
+    x = tl.load(xp, mask=tmask[:, None] & kmask[None, :], other=0.0)
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, axis=1)
+    if NORM:
+        g = tl.load(g_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+        x = (xf * g[None, :]).to(w_ptr.dtype.element_ty)
+    wmask = nmask[:, None] & kmask[None, :]
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)
+    return x, sq, w, rk, wmask
+
+
+@triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
                    T, N, K: tl.constexpr, stride_xt, stride_xh, eps,
                    XHD: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr,
@@ -163,17 +184,10 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     acc3_up = tl.zeros((A3T, A3N, A3K), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)                  # sum of squares of x per row (NORM)
     for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < K
-        xp = x_ptr + rt[:, None] * stride_xt + (rk // XHD)[None, :] * stride_xh + (rk % XHD)[None, :]
-        x = tl.load(xp, mask=tmask[:, None] & kmask[None, :], other=0.0)          # [BT, BK]
+        x, sq, w, rk, wmask = _tiles(x_ptr, g_ptr, w_ptr, rt, rn, k0, tmask, nmask, K, BK, stride_xt, stride_xh,
+                                     XHD, NORM)                             # [BT, BK], [BT], [BN, BK]
         if NORM:
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
-            g = tl.load(g_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
-            x = (xf * g[None, :]).to(w_ptr.dtype.element_ty)
-        wmask = nmask[:, None] & kmask[None, :]
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)  # [BN, BK]
+            ss += sq
         if ACC2D:
             acc2 += x.to(tl.float32) * w.to(tl.float32)
         elif ACC3:
@@ -233,17 +247,10 @@ def _linear_partial_kernel(x_ptr, w_ptr, g_ptr, p_ptr, s_ptr, T, N, K: tl.conste
     ss = tl.zeros((BT,), dtype=tl.float32)
     k_start = pid_s * KSPLIT
     for k0 in range(k_start, k_start + KSPLIT, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < K
-        xp = x_ptr + rt[:, None] * stride_xt + (rk // XHD)[None, :] * stride_xh + (rk % XHD)[None, :]
-        x = tl.load(xp, mask=tmask[:, None] & kmask[None, :], other=0.0)          # [BT, BK]
+        x, sq, w, rk, wmask = _tiles(x_ptr, g_ptr, w_ptr, rt, rn, k0, tmask, nmask, K, BK, stride_xt, stride_xh,
+                                     XHD, NORM)                             # [BT, BK], [BT], [BN, BK]
         if NORM:
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
-            g = tl.load(g_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
-            x = (xf * g[None, :]).to(w_ptr.dtype.element_ty)
-        wmask = nmask[:, None] & kmask[None, :]
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0.0)  # [BN, BK]
+            ss += sq
         acc += tl.dot(w, tl.trans(x), input_precision=PREC)
         if SWIGLU:
             u = tl.load(w_ptr + (rn + N)[:, None] * K + rk[None, :], mask=wmask, other=0.0)
