@@ -110,6 +110,8 @@ def _pick_config(key, T: int, launch, itemsize: int = 2) -> tuple:
             import warnings
             warnings.warn(f"kernels: configuration {cfg} does not compile here ({type(e).__name__}); skipped")
             continue
+    if not times:
+        raise RuntimeError(f"no launch configuration of the fused linear kernel ran for shape {key}")
     _chosen[key] = min(times, key=times.get)
     return _chosen[key]
 

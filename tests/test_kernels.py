@@ -154,3 +154,14 @@ def test_linear_rejects_bad_input():
         linear(x, torch.randn(4, 6, device=DEV))
     with pytest.raises(ValueError, match="at most 16"):
         linear(torch.randn(17, 8, device=DEV), torch.randn(4, 8, device=DEV))
+
+
+def test_runner_drops_fused_kernels_for_a_failed_bucket():
+    """A bucket whose fused kernels failed in the runner's warm-up (GPU only) is run by the plain
+    forward: the variants it may use no longer include "fused"; the others keep both."""
+    from specdec_lib.cuda_graphs import GraphRunner
+    model = random_model(CONFIG, seed=0).to(DEV)
+    r = GraphRunner(model, 64, buckets=(1, 2), fused=True)
+    assert r._variants(1) == r._variants(2) == ("fused", "plain")
+    r.fused_failed[2] = "CompilationError: (simulated)"
+    assert r._variants(2) == ("plain",) and r._variants(1) == ("fused", "plain")
