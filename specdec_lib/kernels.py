@@ -155,6 +155,25 @@ def _tiles(x_ptr, g_ptr, w_ptr, rt, rn, k0, tmask, nmask, K: tl.constexpr, BK: t
 
 
 @triton.jit
+def _finish(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, rt, rn, tmask, nmask, N, K: tl.constexpr, eps,
+            NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
+    """After the product: acc [BT, BN] (acc_up: the up rows, SWIGLU) and the rows' sums of squares ss
+    [BT] -> y[t, n] = act(acc * 1/rms (NORM) + b) (+ r), stored in y's dtype."""
+    if NORM:
+        rinv = 1.0 / tl.sqrt(ss / K + eps)                 # [BT]
+        acc = acc * rinv[:, None]
+        acc_up = acc_up * rinv[:, None]
+    if BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up          # silu(gate) * up
+    omask = tmask[:, None] & nmask[None, :]
+    if RESIDUAL:
+        acc += tl.load(r_ptr + rt[:, None] * N + rn[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rt[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
                    T, N, K: tl.constexpr, stride_xt, stride_xh, eps,
                    XHD: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr,
@@ -217,18 +236,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr,
     if SWAP:                                               # transposed once, after the loop
         acc = tl.trans(acc_s)
         acc_up = tl.trans(acc_s_up)
-    if NORM:
-        rinv = 1.0 / tl.sqrt(ss / K + eps)                 # [BT]
-        acc = acc * rinv[:, None]
-        acc_up = acc_up * rinv[:, None]
-    if BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up          # silu(gate) * up
-    omask = tmask[:, None] & nmask[None, :]
-    if RESIDUAL:
-        acc += tl.load(r_ptr + rt[:, None] * N + rn[None, :], mask=omask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rt[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
+    _finish(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, rt, rn, tmask, nmask, N, K, eps, NORM, BIAS, SWIGLU, RESIDUAL)
 
 
 @triton.jit
@@ -272,7 +280,7 @@ def _linear_partial_kernel(x_ptr, w_ptr, g_ptr, p_ptr, s_ptr, T, N, K: tl.conste
 def _linear_sum_kernel(p_ptr, s_ptr, b_ptr, r_ptr, y_ptr, T, N, K: tl.constexpr, eps, SPLIT: tl.constexpr,
                        NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                        BT: tl.constexpr, BN: tl.constexpr):
-    """Split-K, second half: y = act(sum over slices of P (+ bias)) (+ r), as _linear_kernel's epilogue."""
+    """Split-K, second half: the slices of P and S summed, then _linear_kernel's ending (_finish)."""
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     rt = tl.arange(0, BT)
@@ -289,17 +297,7 @@ def _linear_sum_kernel(p_ptr, s_ptr, b_ptr, r_ptr, y_ptr, T, N, K: tl.constexpr,
             acc_up += tl.load(part + N, mask=omask, other=0.0)
         if NORM:
             ss += tl.load(s_ptr + sl * BT + rt, mask=tmask, other=0.0)
-    if NORM:
-        rinv = 1.0 / tl.sqrt(ss / K + eps)
-        acc = acc * rinv[:, None]
-        acc_up = acc_up * rinv[:, None]
-    if BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if RESIDUAL:
-        acc += tl.load(r_ptr + rt[:, None] * N + rn[None, :], mask=omask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rt[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
+    _finish(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, rt, rn, tmask, nmask, N, K, eps, NORM, BIAS, SWIGLU, RESIDUAL)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias=None, norm=None, eps: float = 1e-6, residual=None,
@@ -332,6 +330,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias=None, norm=None, eps: float = 
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(T, N, device=w.device, dtype=w.dtype)
     dummy = w   # unused pointer arguments (their branch is compiled out)
+    prec = "ieee" if w.dtype == torch.float32 else "tf32"   # float32 weights: no tf32 rounding in tl.dot
+
     def launch(cfg):
         dot, acc2d, bt, bn, bk, warps, stages = cfg
         if dot == "splitk":
@@ -344,7 +344,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias=None, norm=None, eps: float = 
             _linear_partial_kernel[(triton.cdiv(N, bn), split)](
                 x, w, norm if norm is not None else dummy, part, sums, T, N, K, stride_xt, stride_xh,
                 XHD=xhd, NORM=norm is not None, SWIGLU=swiglu, BT=bt, BN=bn, BK=bk, KSPLIT=kslice,
-                PREC="ieee" if w.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+                PREC=prec, num_warps=warps, num_stages=stages)
             _linear_sum_kernel[(triton.cdiv(N, 64),)](
                 part, sums, bias if bias is not None else dummy, residual if residual is not None else dummy, y,
                 T, N, K, eps, SPLIT=split, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
@@ -355,7 +355,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias=None, norm=None, eps: float = 
             residual if residual is not None else dummy, y, T, N, K, stride_xt, stride_xh, eps,
             XHD=xhd, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
             DOT=dot is True, SWAP=dot == "swap", ACC2D=acc2d is True, BT=bt, BN=bn, BK=bk,
-            PREC="ieee" if w.dtype == torch.float32 else "tf32", ACC3=acc2d == "3d",
+            PREC=prec, ACC3=acc2d == "3d",
             A3T=bt if acc2d == "3d" else 1, A3N=bn if acc2d == "3d" else 1, A3K=bk if acc2d == "3d" else 1,
             num_warps=warps, num_stages=stages)
 

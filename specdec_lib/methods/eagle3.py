@@ -506,20 +506,22 @@ class Eagle3Proposer:
         L = len(tokens) - 1
         if not hidden:
             return None
-        start = self.check_start(L, hidden)
-        self._ensure_capacity(L + self.max_rows + 1)
-        ids = torch.tensor(tokens[start + 1:L + 1], device=self.head.device)
+        start, ids = self.new_entries(tokens, hidden)
         a = self.read_rows(hidden, ids, start)
         self.length = L
         return a[-1:]
 
-    def check_start(self, L: int, hidden: dict) -> int:
-        """The first position of the target's new features (L - n); it must follow the drafter's entries."""
+    def new_entries(self, tokens: list[int], hidden: dict) -> tuple[int, torch.Tensor]:
+        """The entries the target just cached: their first position start = L - n (it must follow the
+        drafter's entries) and each one's next token, ids [n] on the device. Makes room in the cache for
+        them, a tree and a padded context read (ProposeGraph)."""
+        L = len(tokens) - 1
         start = L - hidden[self.hidden_layers[0]].shape[0]
         if start != self.length:
             raise ValueError(f"the drafter holds {self.length} entries but the target's new features start at "
                              f"{start}: call reset() when a request starts")
-        return start
+        self._ensure_capacity(L + max(self.max_rows, self.depth + 1) + 1)
+        return start, torch.tensor(tokens[start + 1:L + 1], device=self.head.device)
 
     def read_rows(self, hidden: dict, ids: torch.Tensor, start) -> torch.Tensor:
         """The drafter over T consecutive context entries: features {layer: [T, h]}, ids [T] (each entry's
@@ -640,11 +642,8 @@ class ProposeGraph:
         if self.failed:
             return None
         L, P = len(tokens) - 1, proposer.depth + 1
-        start = proposer.check_start(L, hidden)
-        proposer._ensure_capacity(L + max(proposer.max_rows, P) + 1)
-        dev = proposer.head.device
-        ids = torch.tensor(tokens[start + 1:L + 1], device=dev)
-        n = ids.shape[0]
+        start, ids = proposer.new_entries(tokens, hidden)
+        dev, n = ids.device, ids.shape[0]
         if n > P:                           # the prompt: all but the last P entries eagerly
             proposer.read_rows({l: h[:n - P] for l, h in hidden.items()}, ids[:n - P], start)
             hidden, ids, start, n = {l: h[n - P:] for l, h in hidden.items()}, ids[n - P:], start + n - P, P
