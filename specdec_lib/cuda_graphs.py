@@ -30,6 +30,23 @@ from .timing import cuda_time
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+def record(fn, warmup: int = 2):
+    """fn() recorded as one CUDA graph -> (graph, fn's output, which every replay rewrites in place).
+
+    The warm-up calls run on a side stream first, so lazy initialisation, kernel choice and the
+    allocations happen outside the capture; what they write must be harmless to write again."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class GraphRunner:
     def __init__(self, model, max_len: int, buckets=BUCKETS, hidden_layers=(), compile: bool = False,
                  fused: bool = False, only: str | None = None):
@@ -202,15 +219,7 @@ class GreedyChain:
         """Record `step` as one CUDA graph (after two warm-up steps, whose cache writes land in slots
         the next prefill overwrites)."""
         self.state.copy_(torch.tensor([0, 0, 0, 0]))
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        self.graph, _ = record(self.step)
         torch.cuda.synchronize()
         return self
 

@@ -8,7 +8,7 @@ from helpers import exact_distribution
 from specdec_lib.decoding import Context, generate
 from specdec_lib.experiments import goodness_of_fit
 from specdec_lib.methods import make_proposer
-from specdec_lib.methods.medusa import (Medusa, MedusaHeads, MedusaLearner, TreeTemplate, build, fill_greedy,
+from specdec_lib.methods.medusa import (HeadsGraph, Medusa, MedusaHeads, MedusaLearner, TreeTemplate, build, fill_greedy,
                                         fill_sampled, head_parameters, score, sparse_tree)
 from specdec_lib.models import load_profile
 from specdec_lib.qwen2 import Qwen2Config, random_model
@@ -143,6 +143,21 @@ def test_greedy_output_equals_baseline(tiny, draft_len, use_heads):
         out = generate(models.target, prop, p, MAX_NEW)
         assert out.tokens == refs[tuple(p)]
         assert all(s.proposed <= draft_len for s in out.steps)
+
+
+def test_recorded_proposal_equals_eager_tree(tiny):
+    """HeadsGraph's function (what a GPU records; run eagerly here from its buffer) picks the same
+    tokens as the eager fill_greedy, for a template with several ranks per head, on many rows."""
+    models, _, _ = tiny
+    acc = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.1, 0.1]]
+    prop = build(models, draft_len=15, heads=random_heads(models), rank_acc=acc)
+    graph = HeadsGraph(prop.template)
+    assert max(prop.template.ranks) > 0 and len(set(prop.template.heads)) == 3
+    H = models.target.config.hidden_size
+    for seed in range(5):
+        h = torch.randn(H, generator=torch.Generator().manual_seed(seed))
+        eager = fill_greedy(prop.template, prop.head_logits(h, prop.n_heads))
+        assert graph(prop, h).tolist() == eager.tokens.tolist()
 
 
 class CheatingMedusa(Medusa):

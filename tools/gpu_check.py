@@ -16,7 +16,9 @@ Checks, each printed as `ok` / `FAIL`:
    graphs (GraphDraft) proposes exactly what the eager draft model proposes;
 5. EAGLE-3's greedy proposal replayed from its CUDA graph (ProposeGraph: the context read padded to
    depth + 1 rows, then the tree) proposes, step by step, the same trees as the eager path (a random
-   drafter on the tiny target, in float64; on the CPU the recorded function runs eagerly).
+   drafter on the tiny target, in float64; on the CPU the recorded function runs eagerly);
+6. Medusa's greedy proposal replayed from its CUDA graph (HeadsGraph) proposes the eager path's trees
+   (random heads, float64).
 """
 import os
 import sys
@@ -229,6 +231,28 @@ for (graph, compiled), (toks, drafts, replayed) in eagle_runs.items():
     check(f"eagle3: the proposal (padded context read + tree{', compiled layer' if compiled else ''}) {how}"
           " proposes the eager path's trees, step by step", toks == ref64 and drafts == eager_drafts and replayed,
           f"{sum(a == b for a, b in zip(drafts, eager_drafts))} of {len(eager_drafts)} drafts equal")
+
+from specdec_lib.methods.medusa import Medusa, MedusaHeads, sparse_tree  # noqa: E402
+
+torch.manual_seed(6)
+heads = MedusaHeads(c.hidden_size, n_heads=3, rank=8).to(DEV, torch.float64)
+with torch.no_grad():                   # random heads (U starts at zero: each head would be the target)
+    for w in heads.parameters():
+        w.copy_(torch.randn_like(w) * 0.3)
+template = sparse_tree([[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.1, 0.1]], 15)
+medusa_runs = {}
+for graph in (False, True):
+    prop = Recorder(Medusa(heads, t64.lm_head.weight, c.num_hidden_layers, template))
+    if not graph:
+        prop.inner.graph = None         # every step through the eager fill_greedy
+    r = generate(t64, prop, p, N)
+    medusa_runs[graph] = (r.tokens, prop.drafts)
+replayed = CPU or (prop.inner.graph.graph is not None and not prop.inner.graph.failed)   # the graph run's
+check("medusa: the proposal " + ("replayed from its CUDA graph" if not CPU else "from its buffer, run eagerly")
+      + " proposes the eager path's trees, step by step (float64)",
+      medusa_runs[True] == medusa_runs[False] and medusa_runs[False][0] == ref64 and replayed,
+      f"{sum(a == b for a, b in zip(medusa_runs[True][1], medusa_runs[False][1]))} of "
+      f"{len(medusa_runs[False][1])} drafts equal")
 
 print("ALL OK" if not failures else f"FAILED: {len(failures)} check(s): " + "; ".join(failures))
 sys.exit(1 if failures else 0)

@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cuda_graphs import record
 from ..qwen2 import Block, KVCache, Qwen2Config, RMSNorm, rope_cos_sin
 from ..sampling import probs_from_logits
 from ..tree import Draft
@@ -677,15 +678,7 @@ class ProposeGraph:
         return out[0], out[1]
 
     def _capture(self, proposer):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):                                       # warm-up: kernels chosen, memory allocated
-                self.run(proposer)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.run(proposer)
+        self.graph, self.out = record(lambda: self.run(proposer))
         self.cache_id = id(proposer.cache.k)
 
 

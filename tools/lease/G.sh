@@ -2,7 +2,7 @@
 # The GPU checks that can fail (tools/gpu_check.py: every graph and fused path against the eager forward in
 # float32, bucketing and padding included; ~1-2 min), then every method's greedy output against our
 # baseline in float32 through the live path (one Spec-Bench prompt per category, 64 new tokens).
-# Run after the last change to a GPU path. $OUT/G.log, $OUT/live_fp32.tgz; exit status 1 if a check fails.
+# Run after the last change to a GPU path. GB=0: gpu_check alone. $OUT/G.log, $OUT/live_fp32.tgz; exit status 1 if a check fails.
 source "$(dirname "$0")/env.sh"
 exec > "$OUT/G.log" 2>&1
 stamp start
@@ -10,9 +10,9 @@ use_new_checkpoints
 status=0
 $PY tools/gpu_check.py ${GC_ARGS:-} || status=1       # GC_ARGS=--cpu for a dry run here
 stamp "gpu_check exit $status"
-$PY -m specdec_lib.bench_gpu live --profile "$P" --dtype float32 --tag _fp32 --prompts spec_bench --per-category 1 \
+[ "${GB:-300}" = 0 ] || $PY -m specdec_lib.bench_gpu live --profile "$P" --dtype float32 --tag _fp32 --prompts spec_bench --per-category 1 \
     --new-tokens 64 --peer-prompts 0 --oracle-prompts 0 --budget-s ${GB:-300} --out "$OUT/chapters/results" \
     --methods "$(grep -v '^#' "${ML:-tools/lease/methods.txt}" | paste -sd, -)" || status=1
-(cd "$OUT" && tar czf live_fp32.tgz chapters && rm -rf chapters)   # h200_live_fp32.json per chapter
+if [ -d "$OUT/chapters" ]; then (cd "$OUT" && tar czf live_fp32.tgz chapters && rm -rf chapters); fi   # h200_live_fp32.json per chapter
 stamp "done, exit $status"
 exit $status
