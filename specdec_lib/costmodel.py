@@ -123,30 +123,45 @@ def replay_speedup(steps, target_curve: dict, propose_cost: float = 0.0) -> floa
     return emitted / cost if cost else 0.0
 
 
-def measure_forward_time(model, k: int, prefix_len: int, repeats: int = 3, cache=None) -> float:
-    """Median seconds of one forward of k new tokens after prefix_len cached tokens (eager).
+def measure_forward_time(model, k: int, prefix_len: int, repeats: int = 3, cache=None,
+                         run: dict | None = None) -> tuple[float, object]:
+    """Median seconds of one forward of k new tokens after prefix_len cached tokens, and the cache.
 
     The cache is prefilled once; every timed forward writes the same k slots after the prefix,
     so the state is identical each time (nothing is accepted). Synchronises on a GPU.
+    run: generate()'s fast-path arguments (experiments.fast_path: forward, cache, kv_len) to time
+    the forward the chapters' timed loop runs, as generate calls it (inputs on the host, the
+    mask kv_len wide, the run's own cache; a GraphRunner replays its graph on a GPU); its cache
+    must hold prefix_len + the largest bucket. None or {} (a CPU): the model's eager forward.
     """
     import time
     import torch
     from .decoding import prefill
     from .tree import chain_inputs
+    run = run or {}
     device = model.device
-    ids = torch.randint(0, 150000, (1, prefix_len + k), generator=torch.Generator().manual_seed(0)).to(device)
+    forward, kv_len = run.get("forward") or model.forward, run.get("kv_len")
+    inputs_on = device if "forward" not in run else "cpu"    # a custom forward moves them itself
+    ids = torch.randint(0, 150000, (1, prefix_len + k), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(inputs_on)
+    if "cache" in run:
+        cache = run["cache"]
+        if prefix_len + k > cache.max_len:
+            raise ValueError(f"the fast path's cache has {cache.max_len} slots, too few for "
+                             f"{prefix_len} cached + {k} new tokens: build it with a larger max_len")
     if cache is None or cache.length != prefix_len:
-        cache = model.new_cache(prefix_len + 64 + 8)
+        cache = cache if "cache" in run else model.new_cache(prefix_len + 64 + 8)
+        cache.rollback(0)
         with torch.inference_mode():
-            prefill(model, ids[:, :prefix_len], cache, logits=False)
-    pos, slots, mask = chain_inputs(prefix_len, k, device=device)
+            prefill(model, ids[:, :prefix_len], cache, kv_len=kv_len, forward=forward, logits=False)
+    pos, slots, mask = chain_inputs(prefix_len, k, kv_len, device=inputs_on)
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):          # the first run is a warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(ids[:, prefix_len:prefix_len + k], pos, cache, mask, slots)
+            forward(ids[:, prefix_len:prefix_len + k], pos, cache, mask, slots)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -154,15 +169,24 @@ def measure_forward_time(model, k: int, prefix_len: int, repeats: int = 3, cache
 
 
 def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), prefix_len: int = 1024, repeats: int = 3,
-                       progress: bool = True) -> dict:
-    """c(k) = t(k) / t(1) measured eagerly (the CPU path; the GPU uses CUDA graphs, bench_gpu.py)."""
+                       progress: bool = True, run: dict | None = None) -> dict:
+    """c(k) = t(k) / t(1) for a forward of k new tokens after prefix_len cached tokens.
+
+    run: the chapter's fast path (experiments.fast_path), so that on a GPU the curve is the one
+    its timed loop runs (CUDA-graph replays; bench_live.runner_curve times the bare replays); None
+    or {} (what fast_path gives on a CPU): the eager forward. With a run, `forward` names its
+    forward (e.g. "GraphRunner"); an eager curve has no such key.
+    """
     from tqdm.auto import tqdm
     cache, times = None, []
     for k in tqdm(ks, desc="cost curve", disable=not progress):
-        t, cache = measure_forward_time(model, k, prefix_len, repeats, cache)
+        t, cache = measure_forward_time(model, k, prefix_len, repeats, cache, run)
         times.append(t)
-    return {"k": list(ks), "time_s": times, "relative_time": [t / times[0] for t in times],
-            "prefix_len": prefix_len}
+    curve = {"k": list(ks), "time_s": times, "relative_time": [t / times[0] for t in times],
+             "prefix_len": prefix_len}
+    if run:
+        curve["forward"] = type(run["forward"]).__name__
+    return curve
 
 
 # ---------------------------------------------------------------- backing off: how much to propose this step

@@ -108,6 +108,25 @@ def test_decode_pooled_hand_made():
         decode_pooled(base, run, ["a"], "m")
 
 
+def test_cost_curve_through_a_runner(tiny_target):
+    """measure_cost_curve(run=) times the forward the chapters' loop runs: every k-token step goes
+    through the runner's bucket (on a CPU its padded eager forward), on the runner's own cache
+    prefilled to the prefix; run={} (fast_path on a CPU) is the eager curve as before."""
+    from specdec_lib.costmodel import measure_cost_curve
+    runner = GraphRunner(tiny_target, 48, buckets=(1, 2, 4)).capture()
+    run = dict(forward=runner, cache=runner.cache, kv_len=48)
+    seen, step = [], runner._forward
+    runner._forward = lambda b, variant: seen.append(b) or step(b, variant)
+    c = measure_cost_curve(tiny_target, ks=(1, 2, 4), prefix_len=16, repeats=2, progress=False, run=run)
+    assert seen == [1] * 3 + [2] * 3 + [4] * 3          # a warm-up and 2 timed steps per k, none eager
+    assert runner.cache.length == 16 and c["forward"] == "GraphRunner" and c["k"] == [1, 2, 4]
+    assert c["relative_time"][0] == 1.0 and all(t > 0 for t in c["time_s"])
+    eager = measure_cost_curve(tiny_target, ks=(1, 2), prefix_len=16, repeats=1, progress=False, run={})
+    assert set(eager) == {"k", "time_s", "relative_time", "prefix_len"}
+    with pytest.raises(ValueError, match="larger max_len"):         # 16 + 64 slots > 48
+        measure_cost_curve(tiny_target, ks=(1, 64), prefix_len=16, repeats=1, progress=False, run=run)
+
+
 def test_harness_through_a_runner_equals_the_plain_path():
     """experiments.compare with run= (a GraphRunner's forward, cache and static width; on a CPU it
     runs the padded buckets eagerly) gives the plain path's tokens for every arm (float32)."""
