@@ -132,14 +132,17 @@ def curve_name(profile: str, role: str = "target", device: str = "cpu") -> str:
     return f"{'gpu' if str(device).startswith('cuda') else 'cpu'}_{profile}_{role}"
 
 
-def local_cost_curve(profile: str | None = None, role: str = "target", device: str = "cpu"):
+def local_cost_curve(profile: str | None = None, role: str = "target", device: str | None = None):
     """(name, curve): the cost curve chapter 1 measured for this profile and kind of machine.
 
-    Chapters 2-4 predict speedups from it. If chapter 1 ran here, it is this machine's own curve;
+    Chapters 2-4 predict speedups from it (on a GPU the gpu_* curve, on a CPU the cpu_* one). If
+    chapter 1 ran here, it is this machine's own curve;
     otherwise the stored one, and the message says whose machine that was. Under `tiny` the
     random models' curve says nothing, so the stored `small` curve stands in.
     """
     from .costmodel import load_cost_curve
+    from .models import default_device
+    device = device or default_device()      # where load_profile puts the models by default
     profile = profile_from_env(profile)
     name = curve_name("small" if profile == "tiny" else profile, role, device)
     try:

@@ -12,3 +12,14 @@ def test_tiny_results_folder_is_removed_at_exit():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     folder = Path(out.stdout.strip().splitlines()[-1])
     assert folder.name.startswith("specdec-00_test-") and not folder.exists()
+
+
+def test_local_cost_curve_follows_the_device(capsys, monkeypatch):
+    """Chapters 2-4 read the curve of the kind of machine they run on: cpu_* on a CPU (the default
+    here), gpu_* on a GPU, and without a stored gpu_* curve the stored CPU one, saying whose it is."""
+    from specdec_lib.notebook import local_cost_curve
+    name, curve = local_cost_curve("small")
+    assert name == "cpu_small_target" and curve["k"][0] == 1
+    monkeypatch.setattr("specdec_lib.notebook.machine_description", lambda device: "some GPU")
+    name, _ = local_cost_curve("small", "draft", device="cuda")   # no gpu_small_draft stored
+    assert name == "cpu_small_draft" and "another machine" in capsys.readouterr().out
