@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-# SLIM=1: chunks for calls that carry no tree (fewer calls): stage with the tracked files removed from
-# the work tree (`git ls-files -z | xargs -0 rm -f`), then `git checkout -- .` before the first real call
+# SLIM=1: chunks for calls that carry no tree (fewer calls; how to stage them: tools/lease/README.md, which
+# keeps .gitignore in the emptied work tree)
 [ -z "${SLIM:-}" ] || tree=$(( 1024 * 1024 ))
 chunk=$(( 60 * 1024 * 1024 - tree ))
 (( chunk > 4 * 1024 * 1024 )) || { echo "tracked tree is $tree bytes: no room for a chunk"; exit 1; }
