@@ -21,7 +21,7 @@ chapter 4's repeated workload (six similar dataclass requests, in order). Prompt
 the sets (prompt 1 of every set, then prompt 2, ...) and the results files are rewritten after every
 round, so a run stopped by --budget-s (or killed) still leaves complete, consistent files.
 
-Writes, per chapter, <out>/<chapter>/h200_live<tag>.json (metrics.SUMMARY_FIELDS + provenance: one row
+Writes, per chapter, <out>/<chapter>/<card>_live<tag>.json (h200_live, h100_live: `file_prefix`) (metrics.SUMMARY_FIELDS + provenance: one row
 per prompt set and method, with the baseline and peer rows), and <out>/01_cost/h200_live<tag>_run.json
 (curves, oracle, per-request rows, timings). On a CPU (`--profile tiny`) the same code runs with eager
 forwards in place of graphs (GraphRunner's CPU mode), so it is tested in CI.
@@ -432,10 +432,21 @@ def _collect(models, methods, sets, results, peers, curves, runner, new_tokens, 
     return {"summaries": summaries, "run": dict(prov, curves=curves, per_request=rows)}
 
 
-def write_results(out: dict, root: Path, tag: str = "") -> list[Path]:
+def file_prefix(machine: str, device: str = "cuda") -> str:
+    """The results' file name says what ran them: "h200_live" on an H200, "h100_live" on an H100, else
+    "gpu_live" or "cpu_live_run" (a dry run; chapter 5's own "cpu_live.json" is another file)."""
+    if torch.device(device).type != "cuda":
+        return "cpu_live_run"
+    for card in ("H200", "H100"):
+        if card in machine.upper():
+            return f"{card.lower()}_live"
+    return "gpu_live"
+
+
+def write_results(out: dict, root: Path, tag: str = "", prefix: str = "h200_live") -> list[Path]:
     """Each chapter's rows (baseline, device loop, peers and that chapter's methods) to
-    <root>/<chapter>/h200_live<tag>.json, and the run's curves, oracle and per-request rows beside
-    them, <root>/<chapter>/h200_live<tag>_run.json (so two runs with different methods never collide)."""
+    <root>/<chapter>/<prefix><tag>.json, and the run's curves, oracle and per-request rows beside
+    them, <root>/<chapter>/<prefix><tag>_run.json (so two runs with different methods never collide)."""
     by_chapter = {}
     for s in out["summaries"]:
         if "chapter" in s:
@@ -444,10 +455,10 @@ def write_results(out: dict, root: Path, tag: str = "") -> list[Path]:
     written = []
     for chapter in by_chapter:
         rows = shared + [s for s in out["summaries"] if s.get("chapter") == chapter]
-        path = root / chapter / f"h200_live{tag}.json"
+        path = root / chapter / f"{prefix}{tag}.json"
         write_json(path, rows)
-        write_json(path.with_name(f"h200_live{tag}_run.json"), out["run"])
-        written += [path, path.with_name(f"h200_live{tag}_run.json")]
+        write_json(path.with_name(f"{prefix}{tag}_run.json"), out["run"])
+        written += [path, path.with_name(f"{prefix}{tag}_run.json")]
     return written
 
 
@@ -599,7 +610,8 @@ def live_main(argv=None):
     written = []
 
     def save(out):
-        written[:] = write_results(out, root, a.tag)
+        written[:] = write_results(out, root, a.tag, file_prefix(models.provenance()["machine"],
+                                                                      str(models.device)))
 
     out = live(models, methods, sets, a.new_tokens, a.peer_prompts, a.peer_tokens, oracle_prompts=a.oracle_prompts,
                deadline=t0 + a.budget_s, on_round=save)

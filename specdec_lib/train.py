@@ -209,6 +209,15 @@ def _merge(metrics: list[dict], weights: list[float]) -> dict:
     return out
 
 
+def steps_that_fit(step: int, elapsed: float, budget: float, per_step: float, per_eval: float,
+                   eval_every: int) -> int:
+    """How many steps a run that is at `step` after `elapsed` seconds can have in all and end within
+    `budget`: the remaining steps at `per_step` seconds, one evaluation every `eval_every` steps and
+    two more at the end (the last step's and the final one). At least step + 1: the run can always stop."""
+    left = budget - elapsed - 2 * per_eval
+    return max(step + 1, step + int(left / (per_step + per_eval / eval_every)))
+
+
 def evaluate(learner, target, seqs, cfg: TrainConfig, n_batches: int | None = None) -> dict:
     """The learner's loss and metrics on held-out sequences (a fixed set of batches)."""
     it = batches(seqs, cfg.batch_size, cfg.max_len, seed=1234)
@@ -247,20 +256,22 @@ def train(learner, target, data, cfg: TrainConfig, log_path=None, progress: bool
         if step == cfg.steps:   # (the step count may shrink, below)
             break
         if step == 3:
-            mark = (time.perf_counter(), eval_s)    # steps 0-2 carry one-off costs (kernel choice, allocator)
-        if step == 13 and cfg.time_budget_s:
-            # Measured speed of steps 3..12 (evaluations timed apart) -> the steps that fit the budget with
-            # their evaluations, keeping a full cosine schedule (warmup + decay over the new count) rather
-            # than cutting it off mid-way. (Timing from step 0 counted an 11 s first step on the H200 and
-            # halved EAGLE-3's and PARD's steps.)
-            elapsed = time.perf_counter() - t0
-            per_step = ((time.perf_counter() - mark[0]) - (eval_s - mark[1])) / 10
-            per_eval = eval_s / len(log["evals"])
-            fit = int(13 + (cfg.time_budget_s - elapsed - 2 * per_eval) / (per_step + per_eval / cfg.eval_every))
+            mark = (time.perf_counter(), eval_s, 3)  # steps 0-2 carry one-off costs (kernel choice, allocator)
+        if cfg.time_budget_s and step >= 13 and (step == 13 or step % cfg.eval_every == 0):
+            # Measured speed of the steps since the last plan (evaluations timed apart) -> the steps that
+            # fit the budget with their evaluations. Planned again at every evaluation, so a run that
+            # slows down (another job on the same GPU) still ends in time; a later cut steepens the rest of
+            # the cosine decay (lr_at reads cfg.steps). (Timing from step 0 counted
+            # an 11 s first step on the H200 and halved EAGLE-3's and PARD's steps.)
+            now = time.perf_counter()
+            per_step = ((now - mark[0]) - (eval_s - mark[1])) / (step - mark[2])
+            fit = steps_that_fit(step, now - t0, cfg.time_budget_s, per_step, eval_s / len(log["evals"]),
+                                 cfg.eval_every)
             if fit < cfg.steps:
-                log["steps_planned"], cfg.steps = cfg.steps, max(fit, 14)
-                log["config"]["steps"] = cfg.steps
+                log.setdefault("steps_planned", cfg.steps)
+                cfg.steps = log["config"]["steps"] = fit
                 bar.total = cfg.steps
+            mark = (now, eval_s, step)
         if step % cfg.eval_every == 0 or step == cfg.steps - 1:
             te = time.perf_counter()
             ev = evaluate(learner, target, held, cfg)

@@ -3,7 +3,7 @@ in the runner's padded buckets. Every method's output equals our baseline's, and
 import pytest
 import torch
 
-from specdec_lib.bench_live import live, parse_methods, repeated_workload, write_results
+from specdec_lib.bench_live import file_prefix, live, parse_methods, repeated_workload, write_results
 from specdec_lib.cuda_graphs import GraphRunner
 from specdec_lib.decoding import generate
 from specdec_lib.methods import make_proposer
@@ -63,6 +63,12 @@ def test_live_tiny(tmp_path):
     for s in read_json(tmp_path / "04_suffix" / "h200_live.json"):
         check_summary(s)
         assert s.get("chapter", "04_suffix") == "04_suffix"
+
+
+def test_result_files_name_the_card():
+    assert file_prefix("NVIDIA H200") == "h200_live" and file_prefix("NVIDIA H100 80GB HBM3") == "h100_live"
+    assert file_prefix("NVIDIA A100-SXM4-80GB") == "gpu_live"
+    assert file_prefix("AMD EPYC 7B13", "cpu") == "cpu_live_run"
 
 
 def test_fast_forward_on_cpu_is_the_plain_path(tiny_target):

@@ -10,7 +10,7 @@ from specdec_lib.qwen2 import random_model
 from specdec_lib.selfdistill import (Sequence, SelfDistillData, check_disjoint, evaluation_texts, left_pad,
                                      overlapping, padded_mask, prompt_key, read_data, sample_batch, save_data,
                                      is_looping)
-from specdec_lib.train import Batch, TrainConfig, chunked_cross_entropy, to_batch, train
+from specdec_lib.train import Batch, TrainConfig, chunked_cross_entropy, steps_that_fit, to_batch, train
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,22 @@ def test_training_loop_learns_a_toy_task(tiny):
     assert last["loss"] < 0.5 * first["loss"]
     assert last["acc"][0] > 0.9, last
     assert log["steps"][-1]["tokens"] > 0 and log["trainable_parameters"] == learner.module.weight.numel()
+
+
+def test_steps_that_fit_a_budget_by_hand():
+    # at step 20 after 30 s of a 100 s budget: 1 s a step, 2 s an evaluation every 10 steps -> 66 s
+    # after the two closing evaluations, 1.2 s per step with its share of evaluations -> 55 more steps
+    assert steps_that_fit(20, 30.0, 100.0, 1.0, 2.0, 10) == 75
+    assert steps_that_fit(20, 99.0, 100.0, 1.0, 2.0, 10) == 21      # over budget: stop after this step
+
+
+def test_time_budget_cuts_the_planned_steps(tiny):
+    learner = NextNextHead(tiny.target)
+    cfg = TrainConfig(steps=100000, batch_size=2, max_len=24, lr=0.05, warmup=5, eval_every=20, eval_batches=1,
+                      time_budget_s=3.0)
+    log = train(learner, tiny.target, toy_data(), cfg, progress=False)
+    assert log["steps_planned"] == 100000 and 14 <= log["config"]["steps"] < 100000
+    assert log["final"]["wall_s"] < 3.0 * 3     # a busy CI machine: the plan holds within a few seconds
 
 
 def test_chunked_cross_entropy_matches_plain():
