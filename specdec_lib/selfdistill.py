@@ -250,6 +250,16 @@ class SelfDistillData:
         held = [int(s.prompt_key[:8], 16) < cut for s in self.sequences]
         return [s for s, h in zip(self.sequences, held) if h == (name == "heldout")]
 
+    def only(self, temperatures) -> "SelfDistillData":
+        """The answers sampled at these temperatures (0.0 = greedy), e.g. to train a proposer for greedy
+        decoding on the target's greedy answers alone. The split stays by prompt, as before."""
+        keep = {float(t) for t in temperatures}
+        have = {s.temperature for s in self.sequences}
+        if not keep & have:
+            raise ValueError(f"no answers at temperatures {sorted(keep)}: the data has {sorted(have)}")
+        return SelfDistillData([s for s in self.sequences if s.temperature in keep],
+                               dict(self.manifest, only_temperatures=sorted(keep)))
+
     @property
     def response_tokens(self) -> int:
         return sum(len(s.response_ids) for s in self.sequences)

@@ -328,6 +328,10 @@ def train_method(method: str, models, data=None, out=None, log_path=None, bits: 
     cfg = TrainConfig(**{**PROFILE_CONFIG[models.profile], **getattr(mod, "TRAIN_DEFAULTS", {}).get(models.profile, {}),
                          **(config or {})})
     log = train(learner, models.target, data, cfg, log_path, progress, provenance=models.provenance())
+    if "only_temperatures" in data.manifest:          # SelfDistillData.only: a subset of the answers
+        log["data"]["only_temperatures"] = data.manifest["only_temperatures"]
+        if log_path:
+            write_json(log_path, log)
     if out is not None:
         if bits is None:
             bits = 32 if models.profile == "tiny" else getattr(mod, "CHECKPOINT_BITS", 8)
@@ -360,6 +364,8 @@ def main(argv=None):
     for name, typ in (("steps", int), ("batch-size", int), ("max-len", int), ("lr", float), ("warmup", int),
                       ("eval-every", int), ("seed", int), ("time-budget-s", float)):
         ap.add_argument(f"--{name}", type=typ, default=None)
+    ap.add_argument("--temperatures", default=None, metavar="T[,T...]",
+                    help="train and evaluate only on the answers sampled at these temperatures (0 = greedy)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="method option, e.g. --option heads=4 (value parsed as JSON when possible)")
     a = ap.parse_args(argv)
@@ -381,6 +387,8 @@ def main(argv=None):
     models = load_profile(a.profile)
     stamp(f"models loaded ({models.profile}, {models.device})")
     data = load_data(models, a.data)
+    if a.temperatures is not None:
+        data = data.only([float(t) for t in a.temperatures.split(",")])
     stamp(f"data read: {len(data.sequences)} sequences, {data.response_tokens:,} response tokens")
     out = Path(a.out) if a.out else checkpoint_path(a.method, models.profile)
     log_path = a.log or ROOT / "chapters" / "results" / CHAPTERS[a.method] / f"train_{a.method}_{models.profile}.json"
