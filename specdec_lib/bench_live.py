@@ -21,9 +21,10 @@ chapter 4's repeated workload (six similar dataclass requests, in order). Prompt
 the sets (prompt 1 of every set, then prompt 2, ...) and the results files are rewritten after every
 round, so a run stopped by --budget-s (or killed) still leaves complete, consistent files.
 
-Writes, per chapter, <out>/<chapter>/<card>_live<tag>.json (h200_live, h100_live: `file_prefix`) (metrics.SUMMARY_FIELDS + provenance: one row
-per prompt set and method, with the baseline and peer rows), and <out>/01_cost/h200_live<tag>_run.json
-(curves, oracle, per-request rows, timings). On a CPU (`--profile tiny`) the same code runs with eager
+Writes, per chapter, <out>/<chapter>/<card>_live<tag>.json, <card> naming the GPU (`file_prefix`:
+h200_live, h100_live), with metrics.SUMMARY_FIELDS + provenance: one row per prompt set and method, with
+the baseline and peer rows; and beside it <card>_live<tag>_run.json (curves, oracle, per-request rows,
+timings). On a CPU (`--profile tiny`) the same code runs with eager
 forwards in place of graphs (GraphRunner's CPU mode), so it is tested in CI.
 """
 from __future__ import annotations
