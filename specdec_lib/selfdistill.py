@@ -253,11 +253,12 @@ class SelfDistillData:
     def only(self, temperatures) -> "SelfDistillData":
         """The answers sampled at these temperatures (0.0 = greedy), e.g. to train a proposer for greedy
         decoding on the target's greedy answers alone. The split stays by prompt, as before."""
-        keep = {float(t) for t in temperatures}
-        have = {s.temperature for s in self.sequences}
+        t3 = lambda t: round(float(t), 3)      # noqa: E731 (stored as float32: 0.7 reads 0.699999988)
+        keep = {t3(t) for t in temperatures}
+        have = {t3(s.temperature) for s in self.sequences}
         if not keep & have:
             raise ValueError(f"no answers at temperatures {sorted(keep)}: the data has {sorted(have)}")
-        return SelfDistillData([s for s in self.sequences if s.temperature in keep],
+        return SelfDistillData([s for s in self.sequences if t3(s.temperature) in keep],
                                dict(self.manifest, only_temperatures=sorted(keep)))
 
     @property

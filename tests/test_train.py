@@ -217,10 +217,13 @@ def test_data_round_trip(tmp_path):
 
 
 def test_only_some_temperatures():
-    seqs = [Sequence([1, 2], [3, 4], "magpie", t, prompt_key([1, 2])) for t in (0.0, 0.7, 1.0, 0.0)]
+    import numpy as np
+    temps = [float(np.float32(t)) for t in (0.0, 0.7, 1.0, 0.0)]      # as read_data gives them back
+    seqs = [Sequence([1, 2], [3, 4], "magpie", t, prompt_key([1, 2])) for t in temps]
     data = SelfDistillData(seqs, {"heldout_fraction": 0.0})
     greedy = data.only([0])
     assert [s.temperature for s in greedy.sequences] == [0.0, 0.0]
+    assert len(data.only([0.7]).sequences) == 1
     assert greedy.manifest["only_temperatures"] == [0.0] and "only_temperatures" not in data.manifest
     with pytest.raises(ValueError, match="no answers at temperatures"):
         data.only([0.3])
