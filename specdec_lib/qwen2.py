@@ -160,6 +160,20 @@ def attention_for_training(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
 
 
+def varying_shape_attention():
+    """A context for eager forwards whose shapes change from call to call (a prompt, a catch-up):
+    SDPA may use any kernel but cuDNN's.
+
+    subtle: on an H100/H200 SDPA prefers cuDNN, which builds an execution plan for every new (rows, width)
+    shape: 43 ms median and up to 0.7 s per new shape on an H200 (chapters/results/06_eagle3/
+    h200_sdpa_shape_cost.json), more than a whole prefill. A prompt is a new shape every request, so a
+    proposer that catches up on it eagerly paid that inside its first step. Graph-captured steps keep
+    cuDNN: their shapes never change, so the plan is built once, at capture. On a CPU this changes nothing.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -314,32 +314,46 @@ PROFILE_CONFIG = {
 
 
 def train_method(method: str, models, data=None, out=None, log_path=None, bits: int | None = None,
-                 progress: bool = True, config: dict | None = None, **options):
+                 progress: bool = True, config: dict | None = None, init=None, **options):
     """Build `method`'s learner, train it on the self-distilled data, save the checkpoint at `out`.
 
     bits: how the checkpoint stores matrices (checkpoint.save_checkpoint): by default full precision
     under `tiny`, else the method's CHECKPOINT_BITS (8 unless it says otherwise). A quantized checkpoint
-    is loaded back and evaluated again, so the log's "final_stored" is what the committed weights do."""
+    is loaded back and evaluated again, so the log's "final_stored" is what the committed weights do.
+    init: a checkpoint of the same method and options to start from (a warm start: the new steps get
+    their own warm-up and cosine decay); the log's "init" and the checkpoint's steps count both runs."""
     from .checkpoint import load_checkpoint, save_checkpoint, update_header
     from .selfdistill import load_data
     mod = importlib.import_module(f"specdec_lib.methods.{method}")
     learner = mod.learner(models, **options)
+    base = getattr(learner, "base_model", models.target)
+    init_info = None
+    if init is not None:
+        head = load_checkpoint(init, learner.module, method=method, base_model=base)
+        if head["config"] != json.loads(json.dumps(learner.header())):     # as stored (tuples are lists)
+            raise ValueError(f"{Path(init).name} was trained with {head['config']}, not {learner.header()}: "
+                             "pass the same --option values to continue it")
+        init_info = dict(checkpoint=Path(init).name, steps=head["steps"], heldout=head.get("heldout"))
     data = data or load_data(models)
     cfg = TrainConfig(**{**PROFILE_CONFIG[models.profile], **getattr(mod, "TRAIN_DEFAULTS", {}).get(models.profile, {}),
                          **(config or {})})
     log = train(learner, models.target, data, cfg, log_path, progress, provenance=models.provenance())
     if "only_temperatures" in data.manifest:          # SelfDistillData.only: a subset of the answers
         log["data"]["only_temperatures"] = data.manifest["only_temperatures"]
-        if log_path:
-            write_json(log_path, log)
+    if init_info is not None:
+        log["init"] = init_info
+    if log_path and ("init" in log or "only_temperatures" in log["data"]):
+        write_json(log_path, log)
     if out is not None:
         if bits is None:
             bits = 32 if models.profile == "tiny" else getattr(mod, "CHECKPOINT_BITS", 8)
-        base = getattr(learner, "base_model", models.target)
         extra = dict(heldout=log["final"], base_model_name=(
             models.draft_name if base is models.draft else models.target_name))
+        if init_info is not None:
+            extra.update(init_from=init_info["checkpoint"], init_steps=init_info["steps"])
+        total = log["config"]["steps"] + (init_info["steps"] if init_info else 0)
         save_checkpoint(out, learner.module, method=method, base_model=base, config=learner.header(), bits=bits,
-                        data_sha256=data.manifest.get("sha256"), steps=log["config"]["steps"], extra=extra)
+                        data_sha256=data.manifest.get("sha256"), steps=total, extra=extra)
         if bits < 16:
             # What the stored (rounded) weights do on the same held-out batches as log["final"]
             load_checkpoint(out, learner.module, method=method, base_model=base)
@@ -364,6 +378,8 @@ def main(argv=None):
     for name, typ in (("steps", int), ("batch-size", int), ("max-len", int), ("lr", float), ("warmup", int),
                       ("eval-every", int), ("seed", int), ("time-budget-s", float)):
         ap.add_argument(f"--{name}", type=typ, default=None)
+    ap.add_argument("--init", default=None, metavar="CHECKPOINT",
+                    help="continue from this checkpoint (same method and options): a warm start")
     ap.add_argument("--temperatures", default=None, metavar="T[,T...]",
                     help="train and evaluate only on the answers sampled at these temperatures (0 = greedy)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -395,7 +411,7 @@ def main(argv=None):
     if models.profile == "tiny" and not a.log:
         log_path = None
     learner, log = train_method(a.method, models, data, out, log_path, bits=a.bits,
-                                config=config, **options)
+                                config=config, init=a.init, **options)
     stamp("trained and saved")
     f = log["final"]
     print(f"{a.method} on {models.profile}: {log['trainable_parameters'] / 1e6:.2f} M trainable parameters, "

@@ -54,6 +54,7 @@ def test_live_tiny(tmp_path):
     for label, *_ in methods:
         assert rows[label]["greedy_match_rate"] == 1.0, label          # float32: lossless
         assert rows[label]["n_prompts"] == 2 and rows[label]["predicted_speedup"] > 0
+        assert rows[label]["proposer_ms_first_step"] >= 0 and rows[label]["proposer_ms_later_steps"] >= 0
     assert rows["baseline_device_loop"]["greedy_match_rate"] == 1.0
     assert rows["transformers_generate"]["greedy_match_rate"] == 1.0
     assert rows["oracle:draft_len=4"]["acceptance_rate"] == 1.0
@@ -63,6 +64,16 @@ def test_live_tiny(tmp_path):
     for s in read_json(tmp_path / "04_suffix" / "h200_live.json"):
         check_summary(s)
         assert s.get("chapter", "04_suffix") == "04_suffix"
+
+
+def test_runner_picks_the_fastest_bucket_that_holds_the_step(tiny_target):
+    """A larger bucket serves a step when its graph replayed faster (replay times set by hand: a CPU
+    captures none), unless the cache has no room for it; without replay times, the smallest that holds it."""
+    runner = GraphRunner(tiny_target, 64, buckets=(1, 2, 4, 8)).capture()
+    assert [runner.bucket(T) for T in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, None]
+    runner.replay_s = {1: 1.0, 2: 1.3, 4: 1.4, 8: 1.25}
+    assert [runner.bucket(T) for T in (1, 2, 3, 4, 5)] == [1, 8, 8, 8, 8]
+    assert runner.bucket(3, room=7) == 4 and runner.bucket(3, room=2) is None
 
 
 def test_result_files_name_the_card():

@@ -227,3 +227,21 @@ def test_only_some_temperatures():
     assert greedy.manifest["only_temperatures"] == [0.0] and "only_temperatures" not in data.manifest
     with pytest.raises(ValueError, match="no answers at temperatures"):
         data.only([0.3])
+
+
+def test_warm_start_continues_a_checkpoint(tiny, tmp_path):
+    """train_method(init=...) starts from the stored weights: its first evaluation is the stored run's
+    result, the log names what it continued, the checkpoint counts both runs' steps; other options refuse."""
+    from specdec_lib.train import train_method
+    cfg = dict(steps=6, eval_every=3)
+    first = tmp_path / "m.safetensors"
+    _, log1 = train_method("medusa", tiny, out=first, log_path=None, progress=False, config=cfg, bits=32)
+    _, log2 = train_method("medusa", tiny, out=tmp_path / "m2.safetensors", log_path=None, progress=False,
+                           config=cfg, bits=32, init=first)
+    assert log2["init"]["checkpoint"] == "m.safetensors" and log2["init"]["steps"] == 6
+    assert log2["evals"][0]["loss"] == pytest.approx(log1["evals"][-1]["loss"], rel=1e-4)
+    assert ckpt.read_header(tmp_path / "m2.safetensors")["steps"] == 12
+    with pytest.raises(ValueError, match="same --option"):                # same shapes, other options
+        train_method("medusa", tiny, progress=False, config=cfg, init=first, loss_decay=0.5)
+    with pytest.raises(ValueError, match="does not fit"):                  # other shapes
+        train_method("medusa", tiny, progress=False, config=cfg, init=first, heads=2)

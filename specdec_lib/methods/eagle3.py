@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cuda_graphs import record
-from ..qwen2 import Block, KVCache, Qwen2Config, RMSNorm, rope_cos_sin
+from ..qwen2 import Block, KVCache, Qwen2Config, RMSNorm, rope_cos_sin, varying_shape_attention
 from ..sampling import probs_from_logits
 from ..tree import Draft
 
@@ -645,8 +645,9 @@ class ProposeGraph:
         L, P = len(tokens) - 1, proposer.depth + 1
         start, ids = proposer.new_entries(tokens, hidden)
         dev, n = ids.device, ids.shape[0]
-        if n > P:                           # the prompt: all but the last P entries eagerly
-            proposer.read_rows({l: h[:n - P] for l, h in hidden.items()}, ids[:n - P], start)
+        if n > P:                           # the prompt: all but the last P entries eagerly (a new shape)
+            with varying_shape_attention():
+                proposer.read_rows({l: h[:n - P] for l, h in hidden.items()}, ids[:n - P], start)
             hidden, ids, start, n = {l: h[n - P:] for l, h in hidden.items()}, ids[n - P:], start + n - P, P
         if self.buf is None:
             some = hidden[proposer.hidden_layers[0]]

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Train all three learned proposers AT ONCE, one process each on the same GPU, for one call:
 #   BUDGET=380 bash tools/lease/T.sh                 # each loop's budget in s (default 380)
+#   TA_pard="--init specdec_lib/assets/checkpoints/pard-small.safetensors" BUDGET=380 bash tools/lease/T.sh
+# TA_<method>: that method's extra train arguments (--init CHECKPOINT continues the committed weights,
+# --temperatures 0 trains on the greedy answers only, --steps N asks for fewer steps than the budget fits).
 # One method alone leaves the GPU idle between its small kernels (Medusa's heads, EAGLE-3's one layer):
 # three processes fill those gaps, and one 10-minute call trains all three. Each run re-plans its steps at
 # every evaluation (train.steps_that_fit), so it ends in time however the others slow it down. The call
@@ -13,7 +16,11 @@ exec > "$OUT/T.log" 2>&1
 stamp start
 pids=()
 for m in medusa eagle3 pard; do
-    $PY -m specdec_lib.train "$m" --profile "$P" --time-budget-s "$B" --steps 20000 > "$OUT/T_$m.log" 2>&1 &
+    extra=TA_$m
+    echo "$m: ${!extra:-}"
+    # shellcheck disable=SC2086  # the extra arguments split on spaces
+    $PY -m specdec_lib.train "$m" --profile "$P" --time-budget-s "$B" --steps 20000 ${!extra:-} \
+        > "$OUT/T_$m.log" 2>&1 &
     pids+=($!)
 done
 for i in 0 1 2; do wait "${pids[$i]}" && echo "job $i done" || echo "job $i FAILED (exit $?)"; done
