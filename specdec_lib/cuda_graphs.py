@@ -50,7 +50,7 @@ def record(fn, warmup: int = 2):
 
 class GraphRunner:
     def __init__(self, model, max_len: int, buckets=BUCKETS, hidden_layers=(), compile: bool = False,
-                 fused: bool = False, only: str | None = None):
+                 fused: bool = False, only: str | None = None, catchup=()):
         """compile: run each block through torch.compile(Block.forward), which fuses the ~30 small
         elementwise kernels of a block (norms, RoPE, softmax, SwiGLU) into a few. At batch 1 each tiny
         kernel costs a few microseconds even inside a graph, which adds up over 28 layers.
@@ -58,10 +58,16 @@ class GraphRunner:
         attention per layer): both are captured, each replayed 20 times, and the faster graph is kept
         (`self.variant[b]`); larger buckets keep the plain (or compiled) forward.
         only: "fused" or "plain" to capture just that variant where it applies (tools/gpu_check.py
-        checks each one against the eager forward)."""
+        checks each one against the eager forward).
+        catchup: larger buckets (e.g. 128, 512, 1024) for the one long step of a request, a prompt
+        fed at once (a draft model's first proposal): captured too, used only for steps that no
+        bucket holds, and left out of the cost curve. Eagerly, 24 layers launched from Python took
+        21-68 ms on an H100 (live run 7); one replay of a padded graph takes a few."""
         if only not in (None, "fused", "plain"):
             raise ValueError(f"only must be None, 'fused' or 'plain', got {only!r}")
         self.model, self.buckets, self.hidden_layers = model, tuple(buckets), tuple(hidden_layers)
+        self.catchup = tuple(sorted(b for b in catchup if b > max(self.buckets)))
+        self.all_buckets = self.buckets + self.catchup
         self.only = only
         from .qwen2 import Block
         self.block_fn = torch.compile(Block.forward, dynamic=True) if compile else None
@@ -81,7 +87,7 @@ class GraphRunner:
         # on the device (what the graph reads) and pinned on the host (what we fill each step), so a
         # step costs two host-to-device copies before the replay.
         self.static, self.host = {}, {}
-        for b in self.buckets:
+        for b in self.all_buckets:
             idx = torch.stack([torch.zeros(b, dtype=torch.long), torch.arange(b), torch.arange(b)])
             mask = torch.eye(b, max_len, dtype=torch.bool)
             self.static[b] = dict(idx=idx.to(dev), mask=mask.to(dev))
@@ -103,13 +109,13 @@ class GraphRunner:
     def capture(self):
         """Record one graph per bucket (largest first, sharing one memory pool)."""
         if not self.on_gpu:
-            self.variant = {b: self._variants(b)[0] for b in self.buckets}
+            self.variant = {b: self._variants(b)[0] for b in self.all_buckets}
             self.ready = True
             return self
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for b in self.buckets:   # warm-up outside capture (lazy init, kernel selection)
+            for b in self.all_buckets:   # warm-up outside capture (lazy init, kernel selection)
                 for variant in self._variants(b):
                     try:
                         for _ in range(2):
@@ -123,7 +129,7 @@ class GraphRunner:
                                       f"({type(e).__name__}: {e}); those steps run the plain forward")
                         self.fused_failed[b] = f"{type(e).__name__}: {e}"
         torch.cuda.current_stream().wait_stream(stream)
-        for b in sorted(self.buckets, reverse=True):
+        for b in sorted(self.all_buckets, reverse=True):
             for variant in self._variants(b):
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool):
@@ -145,8 +151,8 @@ class GraphRunner:
         one in 1.86 ms (their kernel configurations are tuned per bucket), so 3- and 4-token steps run as 8.
         """
         fits = [b for b in self.buckets if b >= T and (room is None or b <= room)]
-        if not fits:
-            return None
+        if not fits:       # a long step (a prompt): the smallest catch-up bucket that holds it
+            return next((b for b in self.catchup if b >= T and (room is None or b <= room)), None)
         if all(b in self.replay_s for b in fits):
             return min(fits, key=lambda b: (self.replay_s[b], b))
         return fits[0]
@@ -169,7 +175,7 @@ class GraphRunner:
         T = ids.shape[1]
         start = int(cache.length)
         bucket = self.bucket(T, room=self.max_len - start)
-        if (cache is not self.cache or not logits or bucket is None or not set(hidden_layers) <= set(self.hidden_layers)
+        if (cache is not self.cache or bucket is None or not set(hidden_layers) <= set(self.hidden_layers)
                 or attn_mask.shape[-1] != self.max_len or not self.ready):
             # prefill and anything unusual run eagerly (same function, same numbers), without cuDNN's
             # attention: a new shape every request would cost it a plan build (qwen2.varying_shape_attention)
@@ -199,7 +205,8 @@ class GraphRunner:
             out_logits, out_hidden = self.outputs[bucket]
         else:
             out_logits, out_hidden = self._forward(bucket, self.variant[bucket])
-        return out_logits[:, :T], {k: out_hidden[k][:, :T] for k in hidden_layers}
+        # (a graph always computes its logits; a prefill that asked for none gets None, as eagerly)
+        return out_logits[:, :T] if logits else None, {k: out_hidden[k][:, :T] for k in hidden_layers}
 
 
 class GreedyChain:

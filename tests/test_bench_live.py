@@ -76,6 +76,23 @@ def test_runner_picks_the_fastest_bucket_that_holds_the_step(tiny_target):
     assert runner.bucket(3, room=7) == 4 and runner.bucket(3, room=2) is None
 
 
+def test_catchup_buckets_serve_only_the_steps_no_bucket_holds(tiny_target):
+    """A prompt fed at once runs padded in the smallest catch-up bucket that holds it (cache room
+    permitting) and fills the cache as the eager forward does; a prefill that asks for no logits gets
+    None from the runner too."""
+    from specdec_lib.decoding import prefill
+    runner = GraphRunner(tiny_target, 256, buckets=(1, 2, 4), catchup=(16, 64)).capture()
+    assert [runner.bucket(T) for T in (3, 5, 40, 65)] == [4, 16, 64, None]
+    assert runner.bucket(40, room=50) is None and runner.all_buckets == (1, 2, 4, 16, 64)
+    ids = torch.arange(100, 110)[None]
+    logits, _ = prefill(tiny_target, ids, runner.cache, kv_len=256, forward=runner, logits=False)
+    cache = tiny_target.new_cache(256)
+    prefill(tiny_target, ids, cache, logits=False)
+    assert logits is None and runner.cache.length == 10
+    torch.testing.assert_close(runner.cache.k[..., :10, :], cache.k[..., :10, :])
+    torch.testing.assert_close(runner.cache.v[..., :10, :], cache.v[..., :10, :])
+
+
 def test_result_files_name_the_card():
     assert file_prefix("NVIDIA H200") == "h200_live" and file_prefix("NVIDIA H100 80GB HBM3") == "h100_live"
     assert file_prefix("NVIDIA A100-SXM4-80GB") == "gpu_live"
