@@ -10,10 +10,11 @@ Checks, each printed as `ok` / `FAIL`:
 2. one copy: fusing adds no parameter bytes;
 3. for each way a GraphRunner can run a step (plain graphs, compiled graphs, fused graphs): the logits,
    hidden states and cache rows of every bucket size, including steps that are padded (T = 3, 5, 7, 9,
-   17, 33, ...) and a tree step, equal the eager forward on the same cache (relative error <= 2e-4);
+   17, 33, ...), a step in a catch-up bucket (T = 100 in 128) and a tree step, equal the eager forward
+   on the same cache (relative error <= 2e-4);
 4. end to end: our baseline, a noisy tree oracle and a chain oracle through each runner, and the
    device-fed GreedyChain, give the eager baseline's tokens; the draft model proposing through its own
-   graphs (GraphDraft) proposes exactly what the eager draft model proposes;
+   graphs (GraphDraft, the prompt fed in a catch-up bucket) proposes exactly what the eager one does;
 5. EAGLE-3's greedy proposal replayed from its CUDA graph (ProposeGraph: the context read padded to
    depth + 1 rows, then the tree) proposes, step by step, the same trees as the eager path (a random
    drafter on the tiny target, in float64; on the CPU the recorded function runs eagerly);
@@ -98,15 +99,15 @@ FusedQwen2(model)
 check("fusing twice adds no parameter bytes", storage_bytes(model) == before, f"{before} -> {storage_bytes(model)}")
 
 # 3. each runner variant, bucket by bucket, against the eager forward on the same cache
-L, MAX_LEN = 37, 160
+L, MAX_LEN = 37, 200
 prompt = torch.randint(0, SHAPES.vocab_size, (1, L), generator=g).to(DEV)
 variants = [("plain graphs", dict()), ("fused graphs", dict(fused=True, only="fused"))]
 if not CPU:
     variants.insert(1, ("compiled graphs", dict(compile=True, only="plain")))
-steps = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 64]
+steps = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 64, 100]     # 100: the catch-up bucket 128
 with torch.inference_mode():
     for label, kw in variants:
-        runner = GraphRunner(model, MAX_LEN, hidden_layers=(1, -1), **kw).capture()
+        runner = GraphRunner(model, MAX_LEN, hidden_layers=(1, -1), catchup=(128,), **kw).capture()
         ref = model.new_cache(MAX_LEN)
         pos, slots, mask = chain_inputs(0, L, MAX_LEN, DEV)
         for c in (runner.cache, ref):
@@ -133,7 +134,7 @@ with torch.inference_mode():
                 bad.append(str(T))
         used = sorted(set(runner.variant.values()))
         check(f"{label}: logits, hidden states, cache rows for T = {', '.join(map(str, steps))}, tree "
-              f"(buckets {runner.buckets}; ran {'/'.join(used)})", not bad,
+              f"(buckets {runner.all_buckets}; ran {'/'.join(used)})", not bad,
               f"worst rel. error {worst:.1e}" + (f"; bad T: {', '.join(bad)}" if bad else ""))
         del runner
 
@@ -170,7 +171,7 @@ eager_dm = make_proposer("draft_model", draft=draft, draft_len=4, target_vocab=V
 e = generate(target, eager_dm, p, N)
 check("eager self-draft accepts every draft token", all(s.accepted == s.proposed for s in e.steps))
 for label, kw in variants:
-    draft_runner = GraphRunner(draft, 320, buckets=(1, 2, 4), **kw).capture()
+    draft_runner = GraphRunner(draft, 320, buckets=(1, 2, 4), catchup=(128,), **kw).capture()
     dm = make_proposer("draft_model", draft=GraphDraft(draft_runner), draft_len=4, target_vocab=target.config.vocab_size)
     r = generate(target, dm, p, N)
     same = r.tokens == ref and [s.accepted for s in r.steps] == [s.accepted for s in e.steps]
