@@ -153,10 +153,9 @@ def attention_for_training(q, k, v, mask):
     step 85 on the H200 (2026-11-29); every new length also cost cuDNN a graph build. The memory-
     efficient kernel takes a mask and builds nothing; it does not group heads, hence the repeat (keys
     and values are small next to the attention scores it never stores)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # query head h reads kv head h // rep
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    with varying_shape_attention():      # (with a mask given, flash attention never applies)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
 
 

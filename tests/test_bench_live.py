@@ -178,3 +178,28 @@ def test_harness_through_a_runner_equals_the_plain_path():
     for label in plain:
         assert [o.tokens for o in fast[label]] == [o.tokens for o in plain[label]], label
     assert all(s.accepted > 0 for o in fast["oracle"] for s in o.steps[:-1])
+
+
+def test_routed_and_catchup_buckets_keep_greedy_output(tiny_target):
+    """float32: with 3- and 4-row steps routed to the 8-row bucket (replay times set by hand) and the
+    prompt fed to the draft model and to a PARD drafter through a catch-up bucket, both give the eager
+    baseline's tokens."""
+    from specdec_lib.cuda_graphs import GraphDraft
+    from specdec_lib.models import load_profile
+    from specdec_lib.methods.pard import load_drafter
+    models = load_profile("tiny", "cpu", torch.float32)
+    target = models.target
+    prompt = list(range(1000, 1100))
+    ref = generate(target, make_proposer("baseline"), prompt, 20).tokens
+    runner = GraphRunner(target, 256, buckets=(1, 2, 4, 8)).capture()
+    runner.replay_s = {1: 1.0, 2: 1.2, 4: 1.5, 8: 1.3}
+    run = dict(forward=runner, kv_len=256, cache=runner.cache)
+    draft_runner = GraphRunner(models.draft, 300, buckets=(1, 2, 4, 8), catchup=(128,)).capture()
+    dm = make_proposer("draft_model", draft=GraphDraft(draft_runner), draft_len=3,
+                       target_vocab=target.config.vocab_size)
+    assert generate(target, dm, prompt, 20, **run).tokens == ref
+    merged, mask_ids, _ = load_drafter(models)
+    pard_runner = GraphRunner(merged, 300, buckets=(1, 2, 4, 8), catchup=(128,)).capture()
+    pard = make_proposer("pard", models, drafter=(GraphDraft(pard_runner), mask_ids), draft_len=4)
+    assert generate(target, pard, prompt, 20, **run).tokens == ref
+    assert runner.bucket(3) == 8 and draft_runner.bucket(99) == 128
