@@ -1,6 +1,8 @@
 """PARD: the training mask on a hand-made case, training rows == inference rows, one forward == k
 separate masked predictions, greedy equality, the sampling distribution, and the learner."""
 
+import math
+
 import pytest
 import torch
 
@@ -212,18 +214,66 @@ def test_greedy_equals_baseline(tiny_target, tiny_pard, tiny_prompts, k):
         assert out.tokens == ref, (k, len(p))
 
 
-def test_greedy_equals_baseline_when_the_drafter_is_good():
-    """A drafter that IS the target (zero adapter) gets its depth-1 guesses accepted: acceptance > 0."""
+@pytest.mark.parametrize("tree_nodes", [None, 6])
+def test_greedy_equals_baseline_when_the_drafter_is_good(tree_nodes):
+    """A drafter that IS the target (zero adapter) gets its depth-1 guesses accepted: acceptance > 0
+    (as a chain, and as a tree whose first branch is the chain's guess)."""
     cfg = toy_config(12)
     target = random_model(cfg, seed=3, std=0.4)
     ad = pard.PardAdapter(cfg, rank=2, max_depth=3, mask_id0=10)
     with torch.no_grad():   # ids 10, 11 may appear in the output: let them read the target's rows
         ad.mask_rows.copy_(target.model.embed_tokens.weight[10:12])
-    prop = pard.ParallelDraft(pard.adapted_model(target, ad), masks(ad), draft_len=3)
+    prop = pard.ParallelDraft(pard.adapted_model(target, ad), masks(ad), draft_len=3, tree_nodes=tree_nodes)
     ref = generate(target, make_proposer("baseline"), [1, 2, 3], 30).tokens
     out = generate(target, prop, [1, 2, 3], 30)
     assert out.tokens == ref
     assert out.record.accepted >= out.record.steps - 1      # depth 1 is the target's own argmax
+
+
+# ---------------------------------------------------------------- the tree from one forward
+def test_tree_from_hand_made_probabilities():
+    """Depth 1: ids 3 (.6), 5 (.3); depth 2: 4 (.5), 2 (.4). Paths by product: 3 (.6), 3-4 (.3),
+    5 (.3, pushed later), 3-2 (.24): with 3 nodes tokens [3, 4, 5], parents [-1, 0, -1]."""
+    logits = torch.full((2, 8), -30.0)
+    logits[0, 3], logits[0, 5] = math.log(.6), math.log(.3)
+    logits[1, 4], logits[1, 2] = math.log(.5), math.log(.4)
+    from types import SimpleNamespace
+    stub = SimpleNamespace(config=SimpleNamespace(vocab_size=8))        # tree() reads only the logits
+    prop = pard.ParallelDraft(stub, [7], draft_len=2, target_vocab=8, tree_nodes=3, tree_width=2)
+    d = prop.tree(logits, 3, SamplingParams(0.0))
+    assert d.tokens.tolist() == [3, 4, 5] and d.parents.tolist() == [-1, 0, -1] and d.q is None
+    assert prop.tree(logits, 4, SamplingParams(0.0)).tokens.tolist() == [3, 4, 5, 2]
+
+
+def test_tree_of_width_one_is_the_chain(tiny_pard, tiny_prompts):
+    from specdec_lib.decoding import Context
+    model, ad = tiny_pard
+    chain = pard.ParallelDraft(model, masks(ad), draft_len=4)
+    tree = pard.ParallelDraft(model, masks(ad), draft_len=4, tree_nodes=4, tree_width=1)
+    assert tree.name == "pard(k=4, tree=4)"
+    p = tiny_prompts[0]
+    for prop in (chain, tree):
+        prop.reset(p)
+    ctx = Context(p, 4, 16, SamplingParams(0.0), None)
+    a, b = chain.propose(ctx), tree.propose(ctx)
+    assert a.tokens.tolist() == b.tokens.tolist() and b.is_chain()
+
+
+@pytest.mark.parametrize("k,nodes", [(2, 5), (4, 7), (6, 15)])
+def test_tree_greedy_equals_baseline(tiny_target, tiny_pard, tiny_prompts, k, nodes):
+    model, ad = tiny_pard
+    base = make_proposer("baseline")
+    prop = pard.ParallelDraft(model, masks(ad), draft_len=k, tree_nodes=nodes)
+    for p in tiny_prompts:
+        ref = generate(tiny_target, base, p, MAX_NEW).tokens
+        out = generate(tiny_target, prop, p, MAX_NEW)
+        assert out.tokens == ref, (k, nodes, len(p))
+
+
+def test_tree_rejects_bad_sizes(tiny_pard):
+    model, ad = tiny_pard
+    with pytest.raises(ValueError, match="tree_nodes"):
+        pard.ParallelDraft(model, masks(ad), draft_len=2, tree_nodes=0)
 
 
 # ---------------------------------------------------------------- sampling: q rows and the distribution
@@ -245,15 +295,17 @@ def test_q_rows_are_the_drawn_distributions():
     torch.testing.assert_close(d.q[:, :SV], probs_from_logits(logits, SamplingParams(1.0)))
 
 
-def test_sampling_output_matches_target_distribution():
-    """generate() with the parallel drafter: the first K tokens follow the target's distribution."""
+@pytest.mark.parametrize("tree_nodes", [None, 4])
+def test_sampling_output_matches_target_distribution(tree_nodes):
+    """generate() with the parallel drafter (a drawn chain, or a picked tree with q = None): the first
+    K tokens follow the target's distribution."""
     cfg = toy_config(SV)
     target = random_model(cfg, seed=11, std=0.5)
     # the drafter's vocabulary has 2 more rows: its mask tokens (the target never sees them)
     dcfg = toy_config(SV + 2)
     ad = random_adapter(dcfg, max_depth=3, mask_id0=SV, std=0.5)
     prop = pard.ParallelDraft(pard.merged_model(random_model(dcfg, seed=12, std=0.5), ad), masks(ad), draft_len=2,
-                              target_vocab=SV)
+                              target_vocab=SV, tree_nodes=tree_nodes, tree_width=2)
     params, counts, accepted = SamplingParams(0.9), {}, 0
     for seed in range(TRIALS):
         out = generate(target, prop, PROMPT, K + 1, params.temperature, seed=seed)
@@ -308,8 +360,8 @@ def test_through_a_graph_runner_as_bench_live_runs_it(tiny_target, tiny_draft, t
     runner = GraphRunner(merged, 128, buckets=(1, 2, 4, 8, 16), compile=False, fused=False).capture()
     drafter = (GraphDraft(runner), masks(ad))
     base = make_proposer("baseline")
-    for k in (2, 5):
-        prop = make_proposer("pard", None, drafter=drafter, draft_len=k)
+    for k, tree in ((2, None), (5, None), (4, 7)):
+        prop = make_proposer("pard", None, drafter=drafter, draft_len=k, tree_nodes=tree)
         for p in tiny_prompts:
             ref = generate(tiny_target, base, p, MAX_NEW).tokens
             assert generate(tiny_target, prop, p, MAX_NEW).tokens == ref, (k, len(p))

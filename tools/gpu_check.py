@@ -214,10 +214,12 @@ with torch.no_grad():                   # make the drafter's layer matter (its d
         w.add_(torch.randn_like(w) * 0.2)
 ref64 = generate(t64, base, p, N).tokens
 eagle_runs = {}
-# (graph, compile_block): eager; the recorded proposal; on a GPU also with the layer through torch.compile
-for graph, compiled in [(False, False), (True, False)] + ([] if CPU else [(True, True)]):
+# (graph, compiled): eager; the recorded proposal; on a GPU also with the layer through torch.compile
+# ("layer") and with the whole recorded proposal through it ("proposal")
+for graph, compiled in [(False, False), (True, False)] + ([] if CPU else [(True, "layer"), (True, "proposal")]):
     prop = Recorder(Eagle3Proposer(drafter, t64.model.embed_tokens.weight, t64.lm_head.weight, top_k=4,
-                                   depth=4, total_tokens=12, graph=graph, compile_block=compiled))
+                                   depth=4, total_tokens=12, graph=graph, compile_block=compiled == "layer",
+                                   compile_proposal=compiled == "proposal"))
     if CPU and graph:                   # no CUDA graph here: the recorded function runs eagerly
         prop.inner.graph = ProposeGraph()
     r = generate(t64, prop, p, N)
@@ -229,7 +231,7 @@ for (graph, compiled), (toks, drafts, replayed) in eagle_runs.items():
     if not graph:
         continue
     how = "replayed from its CUDA graph" if not CPU else "run eagerly"
-    check(f"eagle3: the proposal (padded context read + tree{', compiled layer' if compiled else ''}) {how}"
+    check(f"eagle3: the proposal (padded context read + tree{f', compiled {compiled}' if compiled else ''}) {how}"
           " proposes the eager path's trees, step by step", toks == ref64 and drafts == eager_drafts and replayed,
           f"{sum(a == b for a, b in zip(drafts, eager_drafts))} of {len(eager_drafts)} drafts equal")
 

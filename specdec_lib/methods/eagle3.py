@@ -462,7 +462,7 @@ class Eagle3Proposer:
 
     def __init__(self, drafter: Eagle3Drafter, embed: torch.Tensor, lm_head: torch.Tensor, top_k: int = 8,
                  depth: int = 6, total_tokens: int = 48, name: str | None = None, graph: bool = True,
-                 compile_block: bool = False):
+                 compile_block: bool = False, compile_proposal: bool = False):
         if top_k < 1 or depth < 1 or total_tokens < 1:
             raise ValueError(f"need top_k, depth, total_tokens >= 1, got {top_k}, {depth}, {total_tokens}")
         self.drafter, self.embed = drafter.eval(), embed
@@ -477,8 +477,9 @@ class Eagle3Proposer:
         self.length = 0                                          # committed entries in the drafter cache
         self.max_rows = 1 + top_k * max(depth - 1, 0)            # root + every node that can be fed
         self.fed_per_step: list[int] = []
-        # a greedy proposal replayed from one CUDA graph on a GPU (see ProposeGraph); None: always eager
-        self.graph = ProposeGraph() if graph and drafter.d2t.is_cuda else None
+        # a greedy proposal replayed from one CUDA graph on a GPU (see ProposeGraph); None: always eager.
+        # compile_proposal: the whole recorded function through torch.compile first (ProposeGraph)
+        self.graph = ProposeGraph(compile_proposal) if graph and drafter.d2t.is_cuda else None
         # compile_block: the decoder layer through torch.compile, which fuses its norms, RoPE and SwiGLU
         # into a few kernels (a proposal is several hundred small kernels; measured on the GPU only)
         self.block_fn = torch.compile(Block.forward, dynamic=True) if compile_block else None
@@ -626,10 +627,17 @@ class ProposeGraph:
     first greedy step (with that step's real inputs, so warm-up writes are the real entries), and
     re-captured if the drafter cache is reallocated; a failed capture falls back to eager for good.
     Without a GPU (tests) the same padded function runs eagerly from the same buffers.
+
+    compiled: the recorded function goes through torch.compile (static shapes) before the capture.
+    Inside a graph a launch is cheap, but each of a proposal's few hundred kernels still costs its
+    2-4 us floor (a depth-3 proposal took 1.4-1.6 ms on an H100, live run 7, where the drafter's
+    weights take ~0.1 ms to read); compiling fuses the norms, RoPE, masks and the tree's bookkeeping
+    into far fewer kernels.
     """
 
-    def __init__(self):
+    def __init__(self, compiled: bool = False):
         self.graph, self.cache_id, self.failed, self.buf = None, None, False, None
+        self.compiled = compiled
 
     def run(self, proposer) -> torch.Tensor:
         """The recorded function: buffers -> [2, N] (the tree's target-vocabulary tokens; its parents)."""
@@ -679,7 +687,10 @@ class ProposeGraph:
         return out[0], out[1]
 
     def _capture(self, proposer):
-        self.graph, self.out = record(lambda: self.run(proposer))
+        fn = lambda: self.run(proposer)                                    # noqa: E731
+        if self.compiled:                  # compiled at the first warm-up call of record(), outside the capture
+            fn = torch.compile(fn, dynamic=False)
+        self.graph, self.out = record(fn)
         self.cache_id = id(proposer.cache.k)
 
 
@@ -696,14 +707,15 @@ def load_drafter(path, models) -> Eagle3Drafter:
 
 def build(models=None, checkpoint=None, top_k: int | None = None, depth: int | None = None,
           total_tokens: int | None = None, chain: bool = False, name: str | None = None, graph: bool = True,
-          compile_block: bool = False, **train_options):
+          compile_block: bool = False, compile_proposal: bool = False, **train_options):
     """make_proposer("eagle3", models, total_tokens=12, depth=5): the dynamic-tree proposer.
 
     chain=True: the chain variant (top_k 1: one token per level, `depth` tokens). Tree sizes default to
     TREE_DEFAULTS of the target's device. checkpoint: default checkpoint_path("eagle3", profile) (under
     `tiny` one is trained in seconds; train_options such as ttt_steps=1 pick which). graph: on a GPU, replay
     each greedy proposal from one CUDA graph (ProposeGraph); False keeps it eager. compile_block: run the
-    drafter's decoder layer through torch.compile (Eagle3Proposer)."""
+    drafter's decoder layer through torch.compile (Eagle3Proposer); compile_proposal: the whole recorded
+    proposal through torch.compile (ProposeGraph; GPU only)."""
     if models is None:
         raise ValueError("eagle3 needs models (from load_profile): it reads the target's features")
     from ..checkpoint import ensure_checkpoint
@@ -716,4 +728,4 @@ def build(models=None, checkpoint=None, top_k: int | None = None, depth: int | N
     top_k, total_tokens = top_k or d["top_k"], total_tokens or d["total_tokens"]
     t = models.target
     return Eagle3Proposer(drafter, t.model.embed_tokens.weight, t.lm_head.weight, top_k, depth, total_tokens, name,
-                          graph, compile_block)
+                          graph, compile_block, compile_proposal)

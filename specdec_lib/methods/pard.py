@@ -33,6 +33,15 @@ feeds what the cache lacks (the accepted tokens and the bonus) + k - 1 mask toke
 takes the last k rows as proposals and rolls the mask rows back (moving the cache length). Greedy:
 argmax, q = None. Sampling: each depth is drawn independently from its own row, and q holds those
 rows: token d is drawn from q_d whatever tokens 1..d-1 were, so min(1, p/q_d) stays exact.
+
+A tree from the same forward (`tree_nodes`): the k rows are one distribution per depth, each
+blind to the tokens guessed before it, which is exactly what Medusa's K heads give (chapter 5).
+So the same sparse tree applies, ranked by the live probabilities instead of measured accuracies
+(`medusa.sparse_tree`): the tree_nodes paths of highest product of probabilities. No extra draft
+forward: the cost is a wider verify step, which on a GPU is nearly free up to the bucket the
+chain already pays for (a chain of 4 + the root is padded to 8 rows: a 7-node tree costs the same).
+Its tokens are picked, not drawn (q = None), so sampling stays lossless through the verifier's
+rule for deterministic proposals.
 """
 from __future__ import annotations
 
@@ -269,12 +278,18 @@ class ParallelDraft(DraftModel):
     prefill_split = 16   # a longer catch-up (the prompt, at the first step) is fed first without logits
 
     def __init__(self, drafter, mask_ids: list[int], draft_len: int = 4, target_vocab: int | None = None,
-                 name: str | None = None):
+                 name: str | None = None, tree_nodes: int | None = None, tree_width: int = 4):
         if not 1 <= draft_len <= len(mask_ids) + 1:
             raise ValueError(f"draft_len must be in 1..{len(mask_ids) + 1} (the depths trained), got {draft_len}")
-        super().__init__(drafter, draft_len, target_vocab, name or f"pard(k={draft_len})")
+        if tree_nodes is not None and (tree_nodes < 1 or tree_width < 1):
+            raise ValueError(f"tree_nodes and tree_width must be >= 1, got {tree_nodes}, {tree_width}")
+        tree = "" if tree_nodes is None else f", tree={tree_nodes}"
+        super().__init__(drafter, draft_len, target_vocab, name or f"pard(k={draft_len}{tree})")
         self.mask_ids = list(mask_ids)
         self.vocab = min(self.target_vocab, min(mask_ids))   # never propose a mask token (or an id the target lacks)
+        # None: a chain of draft_len tokens; else a sparse tree of tree_nodes nodes, depth <= draft_len,
+        # from the tree_width most likely tokens of each depth
+        self.tree_nodes, self.tree_width = tree_nodes, tree_width
 
     @torch.inference_mode()
     def proposal_logits(self, tokens: list[int], k: int) -> torch.Tensor:
@@ -306,11 +321,29 @@ class ParallelDraft(DraftModel):
         if k < 1:
             return Draft.empty()
         logits = self.proposal_logits(ctx.tokens, k)[:, :self.vocab]
+        if self.tree_nodes is not None:
+            return self.tree(logits, min(self.tree_nodes, ctx.max_draft), ctx.params)
         if ctx.params.greedy:
             return Draft.chain(logits.argmax(-1).cpu())
         q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)   # [k, V_target]
         drafted = sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator)
         return Draft.chain(drafted.cpu(), q)
+
+
+    def tree(self, logits: torch.Tensor, n_nodes: int, params) -> Draft:
+        """logits [k, V] (depths 1..k) -> a sparse tree of n_nodes: Medusa's, on this step's probabilities.
+
+        Each depth's tree_width most likely tokens, with their probabilities (at the sampling temperature,
+        or at T = 1 when greedy: a one-hot would rank nothing), go to the host in one copy; sparse_tree
+        keeps the n_nodes paths whose product of probabilities is highest. Tokens are picked, q = None.
+        """
+        from .medusa import fill_candidates, sparse_tree
+        probs = logits.float().softmax(-1) if params.greedy else probs_from_logits(logits, params)
+        top = probs.topk(min(self.tree_width, probs.shape[-1]), dim=-1)              # [k, r] each
+        # one device -> host copy (ids < 2^24 are exact in float32)
+        host = torch.stack([top.values, top.indices.float()]).cpu()
+        template = sparse_tree(host[0].tolist(), n_nodes)
+        return fill_candidates(template, host[1].long())
 
 
 # ---------------------------------------------------------------- 4. training (specdec_lib.train)
@@ -450,7 +483,7 @@ def load_drafter(models, checkpoint=None) -> tuple[Qwen2, list[int], dict]:
     return merged_model(models.draft, adapter), adapter.mask_ids(adapter.max_depth - 1), header
 
 
-OPTIONS = ("target_vocab", "name")   # passed on to ParallelDraft
+OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width")   # passed on to ParallelDraft
 
 
 def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | None = None, **options):
@@ -458,7 +491,8 @@ def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | Non
     drafter (load_drafter), or a CUDA-graph runner standing in for the merged model."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise ValueError(f"unknown pard options {sorted(unknown)}: use draft_len, checkpoint, drafter, target_vocab")
+        raise ValueError(f"unknown pard options {sorted(unknown)}: use draft_len, checkpoint, drafter, target_vocab, "
+                         "tree_nodes, tree_width")
     if drafter is None:
         if models is None:
             raise ValueError("pard needs models (from load_profile) or drafter=(model, mask_ids)")
