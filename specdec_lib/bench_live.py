@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import parse_options
-from .cuda_graphs import BUCKETS, GraphDraft, GraphRunner, GreedyChain
+from .cuda_graphs import BUCKETS, CATCHUP, GraphDraft, GraphRunner, GreedyChain
 from .data import SPEC_BENCH_TASKS, Prompt, chat_ids, grounded, spec_bench
 from .decoding import generate
 from .methods import make_proposer
@@ -52,9 +52,11 @@ CHAPTERS = {"draft_model": "02_draft_model", "ngram": "03_ngram", "suffix": "04_
             "eagle3": "06_eagle3", "pard": "07_pard", "oracle": "01_cost"}
 PEERS = {"draft_model": "transformers_assisted", "ngram": "transformers_prompt_lookup",
          "suffix": "transformers_prompt_lookup", "pard": "transformers_assisted"}
-# the draft runners' catch-up buckets (GraphRunner catchup): a prompt of up to 1,024 tokens fed to the 0.5B
-# in one replay instead of an eager forward (21-68 ms a request in live run 7, charged to the first proposal)
-CATCHUP = (128, 512, 1024)
+# every runner gets cuda_graphs.CATCHUP: a prompt of up to 1,024 tokens in one replay instead of an eager
+# forward. The draft runners feed it at a draft model's or PARD's first proposal (21-68 ms a request in live
+# run 7, 4-15 ms in run 8 with these buckets); the target at every request's prefill (~45 ms eagerly in run 8
+# for the 1.5B, the same for every method and the baseline: it pulled PARD's 1.50x decode-time speedup down
+# to 1.43x)
 
 # chapter 4's repeated workload: similar requests in a row (the global suffix cache learns from each)
 ENTITIES = [("Book", "title, author, year, isbn"), ("Movie", "title, director, year, rating"),
@@ -251,7 +253,8 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     proposers = {k: v for k, v in proposers.items() if v is not None}
     stamp(f"{len(proposers)} proposers built")
     layers = sorted({h for p in proposers.values() for h in getattr(p, "hidden_layers", ())})
-    runner = GraphRunner(target, max_len, buckets, hidden_layers=layers, compile=on_gpu, fused=on_gpu).capture()
+    runner = GraphRunner(target, max_len, buckets, hidden_layers=layers, compile=on_gpu, fused=on_gpu,
+                         catchup=CATCHUP).capture()
     chain = GreedyChain(runner.step_forward(1), runner.cache, target.device)
     if on_gpu:
         chain.capture()
@@ -272,8 +275,11 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     warm = min((p for ps in sets.values() for p in ps), key=lambda p: len(p.prompt_ids)).prompt_ids
     generate(target, base, warm, 8, **run)
     chain.generate(target, warm, 8)
+    # subtle: long enough for every proposer's full draft. A step drafts at most (tokens left - 1), and a
+    # proposer that records its proposal at its first full-size draft (EAGLE-3's ProposeGraph, which may also
+    # compile it) would otherwise do so inside the first timed request (live run 8b: 5 s on one prompt)
     for label, prop in list(proposers.items()):
-        if attempt(label, generate, target, prop, warm, 8, **run) is None:
+        if attempt(label, generate, target, prop, warm, max(buckets) + 8, **run) is None:
             del proposers[label]
     setup_s = time.time() - t_setup
     stamp("warm-up done")

@@ -203,3 +203,23 @@ def test_routed_and_catchup_buckets_keep_greedy_output(tiny_target):
     pard = make_proposer("pard", models, drafter=(GraphDraft(pard_runner), mask_ids), draft_len=4)
     assert generate(target, pard, prompt, 20, **run).tokens == ref
     assert runner.bucket(3) == 8 and draft_runner.bucket(99) == 128
+
+
+@pytest.mark.parametrize("method,options", [("medusa", {"draft_len": 7}),
+                                            ("eagle3", {"total_tokens": 7, "depth": 3})])
+def test_target_prefill_in_a_catchup_bucket_keeps_greedy_output(method, options):
+    """float32: the target's prefill replayed in a catch-up bucket (as the live bench runs it) gives a
+    learned proposer the prompt's hidden states it reads, and the output stays the eager baseline's."""
+    from specdec_lib.models import load_profile
+    models = load_profile("tiny", "cpu", torch.float32)
+    target = models.target
+    prompt = list(range(1000, 1100))
+    ref = generate(target, make_proposer("baseline"), prompt, 20).tokens
+    prop = make_proposer(method, models, **options)
+    runner = GraphRunner(target, 256, buckets=(1, 2, 4, 8), hidden_layers=prop.hidden_layers,
+                         catchup=(128, 512)).capture()
+    assert runner.catchup == (128,) and runner.bucket(len(prompt) - 1) == 128   # 512 > the cache
+    eager = generate(target, make_proposer(method, models, **options), prompt, 20)
+    out = generate(target, prop, prompt, 20, forward=runner, kv_len=256, cache=runner.cache)
+    assert out.tokens == ref == eager.tokens
+    assert [s.accepted for s in out.steps] == [s.accepted for s in eager.steps]
