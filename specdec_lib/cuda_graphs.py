@@ -334,8 +334,9 @@ def fast_forward(model, max_len: int, hidden_layers=()):
         generate(models.target, proposer, prompt, 256, forward=forward, cache=cache, kv_len=kv_len)
 
     On a GPU: a captured GraphRunner (fused Triton kernels for steps of <= 16 tokens, compiled blocks
-    beyond, catch-up buckets for the prefill), returning the hidden layers a learned proposer needs. On a CPU: the plain forward and a
-    cache of max_len slots (generate's default path; nothing to capture). Capture takes ~30-60 s
+    beyond, catch-up buckets for the prefill), returning the hidden layers a learned proposer needs.
+    On a CPU: the plain forward and a cache of max_len slots (generate's default path; nothing to
+    capture). Capture takes ~30-60 s
     per model on an H200 (compile + kernel tuning), so build it once per model and reuse it.
     """
     if model.device.type != "cuda":

@@ -329,7 +329,6 @@ class ParallelDraft(DraftModel):
         drafted = sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator)
         return Draft.chain(drafted.cpu(), q)
 
-
     def tree(self, logits: torch.Tensor, n_nodes: int, params) -> Draft:
         """logits [k, V] (depths 1..k) -> a sparse tree of n_nodes: Medusa's, on this step's probabilities.
 
@@ -487,8 +486,9 @@ OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width")   # passed on to 
 
 
 def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | None = None, **options):
-    """make_proposer("pard", models, draft_len=4). drafter=(model, mask_ids[, header]) reuses a loaded
-    drafter (load_drafter), or a CUDA-graph runner standing in for the merged model."""
+    """make_proposer("pard", models, draft_len=4); add tree_nodes=7 for a tree (ParallelDraft.tree).
+    drafter=(model, mask_ids[, header]) reuses a loaded drafter (load_drafter), or a CUDA-graph runner
+    standing in for the merged model."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown pard options {sorted(unknown)}: use draft_len, checkpoint, drafter, target_vocab, "
