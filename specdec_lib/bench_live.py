@@ -127,7 +127,9 @@ def runner_curve(runner: GraphRunner, reps: int = 30) -> dict:
 
 def step_cost(curve: dict, runner: GraphRunner, T: int) -> float:
     """c(T): the relative time of the bucket a T-token step is padded to (beyond the last bucket: the last)."""
-    b = runner.bucket(T) or curve["k"][-1]
+    b = runner.bucket(T)
+    if b not in curve["k"]:       # eager (None), or a catch-up bucket, which the curve leaves out
+        b = curve["k"][-1]
     return curve["relative_time"][curve["k"].index(b)]
 
 
