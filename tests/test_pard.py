@@ -383,3 +383,35 @@ def test_checkpoint_belongs_to_the_draft():
     wrong = SimpleNamespace(draft=models.target, target=models.target, profile="tiny")
     with pytest.raises(CheckpointMismatch, match="another base model"):
         pard.load_adapter(wrong, path)
+
+
+def test_tree_replay_rows_are_the_proposals():
+    """tools/pard_tree_replay.py reads every step's proposal from one full-layout forward over an answer:
+    its replayed proposer proposes exactly what ParallelDraft proposes step by step (tiny, float32), and
+    the greedy replays agree."""
+    import importlib.util
+    from pathlib import Path
+    from specdec_lib.decoding import Context
+    from specdec_lib.models import EOS_IDS, load_profile
+    from specdec_lib.replay import replay_greedy
+    path = Path(__file__).resolve().parents[1] / "tools" / "pard_tree_replay.py"
+    spec = importlib.util.spec_from_file_location("pard_tree_replay", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    models = load_profile("tiny", "cpu", torch.float32)
+    adapter, _ = pard.load_adapter(models)
+    merged, mask_ids, _ = pard.load_drafter(models)
+    prompt, answer = list(range(500, 530)), list(range(900, 916))
+    probs, ids = tool.drafter_rows(merged, adapter, prompt, answer, adapter.max_depth)
+    for k, nodes in ((4, None), (4, 7), (6, 11)):
+        replayed = tool.Replayed(probs, ids, len(prompt), k, nodes, 4)
+        real = pard.ParallelDraft(merged, mask_ids, draft_len=k, tree_nodes=nodes, tree_width=4)
+        real.reset(prompt)
+        for i in range(len(answer) - 1):
+            # (as in a replay: at most the tokens left - 1 nodes, so every depth's target exists)
+            ctx = Context(prompt + answer[:i], len(prompt), len(answer) - i - 1, SamplingParams(0.0), None)
+            a, b = replayed.propose(ctx), real.propose(ctx)
+            assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist()
+        assert replay_greedy(replayed, prompt, answer, EOS_IDS) == replay_greedy(
+            pard.ParallelDraft(merged, mask_ids, draft_len=k, tree_nodes=nodes, tree_width=4), prompt, answer,
+            EOS_IDS)
