@@ -52,11 +52,6 @@ CHAPTERS = {"draft_model": "02_draft_model", "ngram": "03_ngram", "suffix": "04_
             "eagle3": "06_eagle3", "pard": "07_pard", "oracle": "01_cost"}
 PEERS = {"draft_model": "transformers_assisted", "ngram": "transformers_prompt_lookup",
          "suffix": "transformers_prompt_lookup", "pard": "transformers_assisted"}
-# every runner gets cuda_graphs.CATCHUP: a prompt of up to 1,024 tokens in one replay instead of an eager
-# forward. The draft runners feed it at a draft model's or PARD's first proposal (21-68 ms a request in live
-# run 7, 4-15 ms in run 8 with these buckets); the target at every request's prefill (~45 ms eagerly in run 8
-# for the 1.5B, the same for every method and the baseline: it pulled PARD's 1.50x decode-time speedup down
-# to 1.43x)
 
 # chapter 4's repeated workload: similar requests in a row (the global suffix cache learns from each)
 ENTITIES = [("Book", "title, author, year, isbn"), ("Movie", "title, director, year, rating"),
@@ -204,8 +199,9 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     on_gpu = target.device.type == "cuda"
     longest = max(len(p.prompt_ids) for ps in sets.values() for p in ps)
     max_len = longest + max(new_tokens, peer_tokens) + max(buckets) + 8   # padded rows stay inside the cache
-    # 1. the draft model's runner (buckets: 1-2 tokens fed per draft step, up to 17 for the oracle on it;
-    # catch-up buckets for the prompt, which a draft model or PARD feeds at its first proposal)
+    # 1. the draft model's runner (buckets: 1-2 tokens fed per draft step, up to 17 for the oracle on it).
+    # Every runner here gets the catch-up buckets (cuda_graphs.CATCHUP) for a prompt fed at once: a draft
+    # model's or PARD's first proposal, the target's prefill
     draft_buckets = [b for b in buckets if b <= 32]
     draft_runner = GraphRunner(draft, max_len + 16, buckets=draft_buckets, compile=on_gpu, fused=on_gpu,
                                catchup=CATCHUP).capture()

@@ -62,10 +62,11 @@ class GraphRunner:
         (`self.variant[b]`); larger buckets keep the plain (or compiled) forward.
         only: "fused" or "plain" to capture just that variant where it applies (tools/gpu_check.py
         checks each one against the eager forward).
-        catchup: larger buckets (e.g. 128, 512, 1024) for the one long step of a request, a prompt
-        fed at once (a draft model's first proposal): captured too, used only for steps that no
-        bucket holds, and left out of the cost curve. Eagerly, 24 layers launched from Python took
-        21-68 ms on an H100 (live run 7); one replay of a padded graph takes a few."""
+        catchup: larger buckets (e.g. CATCHUP) for the one long step of a request, a prompt fed at
+        once (the target's prefill, a draft model's first proposal): captured too, used only for
+        steps that no bucket holds, and left out of the cost curve. Eagerly, the 0.5B's 24 layers
+        launched from Python took 21-68 ms on an H100 (live run 7); one replay of a padded graph
+        takes a few."""
         if only not in (None, "fused", "plain"):
             raise ValueError(f"only must be None, 'fused' or 'plain', got {only!r}")
         self.model, self.buckets, self.hidden_layers = model, tuple(buckets), tuple(hidden_layers)
@@ -336,8 +337,8 @@ def fast_forward(model, max_len: int, hidden_layers=()):
     On a GPU: a captured GraphRunner (fused Triton kernels for steps of <= 16 tokens, compiled blocks
     beyond, catch-up buckets for the prefill), returning the hidden layers a learned proposer needs.
     On a CPU: the plain forward and a cache of max_len slots (generate's default path; nothing to
-    capture). Capture takes ~30-60 s
-    per model on an H200 (compile + kernel tuning), so build it once per model and reuse it.
+    capture). Capture takes ~30-60 s per model on an H200 (compile + kernel tuning), so build it once
+    per model and reuse it.
     """
     if model.device.type != "cuda":
         return model.forward, model.new_cache(max_len), None

@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
 from specdec_lib import metrics  # noqa: E402
 from specdec_lib.methods import pard  # noqa: E402
-from specdec_lib.methods.medusa import fill_candidates, sparse_tree  # noqa: E402
 from specdec_lib.models import EOS_IDS, load_profile, profile_from_env  # noqa: E402
 from specdec_lib.notebook import provenance, results_dir  # noqa: E402
 from specdec_lib.replay import replay_greedy  # noqa: E402
@@ -62,8 +61,8 @@ def drafter_rows(draft, adapter, prompt: list[int], answer: list[int], K: int):
 
 
 class Replayed:
-    """A proposer that reads PARD's stored rows: a chain (nodes None) or Medusa's sparse tree on them
-    (what pard.ParallelDraft.tree builds from the same rows)."""
+    """A proposer that reads PARD's stored rows: a chain (nodes None) or the tree that
+    pard.ParallelDraft.tree builds from the same rows (pard.tree_from_top)."""
     hidden_layers = ()
 
     def __init__(self, probs, ids, prompt_len: int, k: int, nodes: int | None, width: int):
@@ -81,7 +80,7 @@ class Replayed:
         p, t = self.probs[i, :k, :self.width], self.ids[i, :k, :self.width]
         if self.nodes is None:
             return Draft.chain(t[:, 0])
-        return fill_candidates(sparse_tree(p.tolist(), min(self.nodes, ctx.max_draft)), t)
+        return pard.tree_from_top(p, t, min(self.nodes, ctx.max_draft))
 
 
 def main():

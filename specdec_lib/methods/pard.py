@@ -268,6 +268,13 @@ def merged_model(draft: Qwen2, adapter: PardAdapter) -> Qwen2:
 
 
 # ---------------------------------------------------------------- 3. the proposer
+def tree_from_top(probs: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Draft:
+    """Each depth's best tokens ids [k, r] and their probabilities probs [k, r] (on the host, best
+    first) -> Medusa's sparse tree of the n_nodes paths with the highest product of probabilities."""
+    from .medusa import fill_candidates, sparse_tree
+    return fill_candidates(sparse_tree(probs.tolist(), n_nodes), ids)
+
+
 class ParallelDraft(DraftModel):
     """Proposer: k tokens from ONE forward of the drafter (context not yet cached + k - 1 masks).
 
@@ -334,15 +341,14 @@ class ParallelDraft(DraftModel):
 
         Each depth's tree_width most likely tokens, with their probabilities (at the sampling temperature,
         or at T = 1 when greedy: a one-hot would rank nothing), go to the host in one copy; sparse_tree
-        keeps the n_nodes paths whose product of probabilities is highest. Tokens are picked, q = None.
+        keeps the n_nodes paths whose product of probabilities is highest (tree_from_top). Tokens are
+        picked, q = None.
         """
-        from .medusa import fill_candidates, sparse_tree
         probs = logits.float().softmax(-1) if params.greedy else probs_from_logits(logits, params)
         top = probs.topk(min(self.tree_width, probs.shape[-1]), dim=-1)              # [k, r] each
         # one device -> host copy (ids < 2^24 are exact in float32)
         host = torch.stack([top.values, top.indices.float()]).cpu()
-        template = sparse_tree(host[0].tolist(), n_nodes)
-        return fill_candidates(template, host[1].long())
+        return tree_from_top(host[0], host[1].long(), n_nodes)
 
 
 # ---------------------------------------------------------------- 4. training (specdec_lib.train)
