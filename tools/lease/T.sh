@@ -2,6 +2,7 @@
 # Train all three learned proposers AT ONCE, one process each on the same GPU, for one call:
 #   BUDGET=380 bash tools/lease/T.sh                 # each loop's budget in s (default 380)
 #   TA_pard="--init specdec_lib/assets/checkpoints/pard-small.safetensors" BUDGET=380 bash tools/lease/T.sh
+# TM: which methods (default "medusa eagle3 pard"), e.g. TM="eagle3 pard" leaves a plateaued one out.
 # TA_<method>: that method's extra train arguments (--init CHECKPOINT continues the committed weights,
 # --temperatures 0 trains on the greedy answers only, --steps N asks for fewer steps than the budget fits).
 # One method alone leaves the GPU idle between its small kernels (Medusa's heads, EAGLE-3's one layer):
@@ -15,7 +16,8 @@ B=${BUDGET:-380}
 exec > "$OUT/T.log" 2>&1
 stamp start
 pids=()
-for m in medusa eagle3 pard; do
+read -r -a methods <<< "${TM:-medusa eagle3 pard}"
+for m in "${methods[@]}"; do
     extra=TA_$m
     echo "$m: ${!extra:-}"
     # shellcheck disable=SC2086  # the extra arguments split on spaces
@@ -23,7 +25,7 @@ for m in medusa eagle3 pard; do
         > "$OUT/T_$m.log" 2>&1 &
     pids+=($!)
 done
-for i in 0 1 2; do wait "${pids[$i]}" && echo "job $i done" || echo "job $i FAILED (exit $?)"; done
+for i in "${!pids[@]}"; do wait "${pids[$i]}" && echo "job $i done" || echo "job $i FAILED (exit $?)"; done
 stamp "all done"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 mkdir -p ~/ckpt && cp specdec_lib/assets/checkpoints/*-$P.safetensors ~/ckpt/
