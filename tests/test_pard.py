@@ -415,3 +415,25 @@ def test_tree_replay_rows_are_the_proposals():
         assert replay_greedy(replayed, prompt, answer, EOS_IDS) == replay_greedy(
             pard.ParallelDraft(merged, mask_ids, draft_len=k, tree_nodes=nodes, tree_width=4), prompt, answer,
             EOS_IDS)
+
+
+def test_tree_replay_spec_bench_answers_are_the_targets_greedy_answers():
+    """pard_tree_replay.py --spec-bench: the answers it replays are our baseline loop's greedy output for
+    the first N prompts of each Spec-Bench category (tiny, float32)."""
+    import importlib.util
+    from pathlib import Path
+    from specdec_lib.data import SPEC_BENCH_TASKS, load_prompt_set
+    from specdec_lib.decoding import generate
+    from specdec_lib.methods import make_proposer
+    from specdec_lib.models import EOS_IDS, load_profile
+    path = Path(__file__).resolve().parents[1] / "tools" / "pard_tree_replay.py"
+    spec = importlib.util.spec_from_file_location("pard_tree_replay", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    models = load_profile("tiny", "cpu", torch.float32)
+    got = tool.spec_bench_answers(models, 1, 5)
+    prompts = [load_prompt_set(f"spec_bench:{c}", models.tokenizer, 1)[0] for c in SPEC_BENCH_TASKS]
+    want = [(p.prompt_ids, generate(models.target, make_proposer("baseline"), p.prompt_ids, 5,
+                                    eos_ids=EOS_IDS).tokens) for p in prompts]
+    assert got == [w for w in want if len(w[1]) >= 2]
+    assert len(got) >= 1

@@ -9,9 +9,14 @@ compute at every step (tests/test_pard.py checks that training rows equal infere
 tree shape is then a cheap replay over those stored rows.
 
     SPECDEC_PROFILE=small python tools/pard_tree_replay.py [--answers 24] [--tokens 128]
+    SPECDEC_PROFILE=small python tools/pard_tree_replay.py --spec-bench 4     # 4 prompts per category
 
 Writes chapters/results/07_pard/tree_replay.json (one row per shape: k, nodes, width, tau) and prints a
-table. Replayed tau is not live tau (other prompts; bf16 near-ties make the live target leave its
+table. With --spec-bench N the answers are the target's own greedy answers to the first N Spec-Bench
+prompts of each category, generated here first (our baseline loop, so ~10 min on the course CPU
+for 24 x 128 tokens), and the rows go to tree_replay_spec_bench.json: the prompts the live runs
+measure, where the held-out answers of the self-distilled data are the drafter's own training
+distribution. Replayed tau is not live tau (other prompts; bf16 near-ties make the live target leave its
 stored answer), but shapes compare fairly: same answers, same drafter rows.
 """
 import argparse
@@ -23,6 +28,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
 from specdec_lib import metrics  # noqa: E402
+from specdec_lib.data import SPEC_BENCH_TASKS, load_prompt_set  # noqa: E402
+from specdec_lib.decoding import generate  # noqa: E402
+from specdec_lib.methods import make_proposer  # noqa: E402
 from specdec_lib.methods import pard  # noqa: E402
 from specdec_lib.models import EOS_IDS, load_profile, profile_from_env  # noqa: E402
 from specdec_lib.notebook import provenance, results_dir  # noqa: E402
@@ -60,6 +68,21 @@ def drafter_rows(draft, adapter, prompt: list[int], answer: list[int], K: int):
     return probs, top_ids
 
 
+def spec_bench_answers(models, per_category: int, tokens: int) -> list[tuple[list[int], list[int]]]:
+    """The target's greedy answers (our baseline loop, the profile's dtype) to the first
+    `per_category` prompts of each Spec-Bench category: [(prompt ids, answer ids)]."""
+    from tqdm.auto import tqdm
+    prompts = [p for c in SPEC_BENCH_TASKS
+               for p in load_prompt_set(f"spec_bench:{c}", models.tokenizer, per_category)]
+    out = []
+    for p in tqdm(prompts, desc="target's greedy answers"):
+        ans = generate(models.target, make_proposer("baseline"), p.prompt_ids, tokens,
+                       eos_ids=EOS_IDS).tokens
+        if len(ans) >= 2:                                  # an answer of one token replays nothing
+            out.append((p.prompt_ids, ans))
+    return out
+
+
 class Replayed:
     """A proposer that reads PARD's stored rows: a chain (nodes None) or the tree that
     pard.ParallelDraft.tree builds from the same rows (pard.tree_from_top)."""
@@ -87,19 +110,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--answers", type=int, default=24, help="held-out greedy answers replayed")
     ap.add_argument("--tokens", type=int, default=128, help="tokens of each answer")
+    ap.add_argument("--spec-bench", type=int, default=0, metavar="N",
+                    help="replay the target's greedy answers to N Spec-Bench prompts per category, "
+                         "generated here, instead of the held-out answers")
     a = ap.parse_args()
     models = load_profile(profile_from_env())
     adapter, header = pard.load_adapter(models)
     merged = pard.merged_model(models.draft, adapter)     # the drafter as it proposes (adapter folded in)
     K = adapter.max_depth
-    data = load_data(models).only([0.0])
-    answers = [s for s in data.split("heldout") if len(s.response_ids) >= 16][:a.answers]
+    if a.spec_bench:
+        answers, source = spec_bench_answers(models, a.spec_bench, a.tokens), "Spec-Bench"
+    else:
+        data = load_data(models).only([0.0])
+        answers = [(s.prompt_ids, s.response_ids[:a.tokens]) for s in data.split("heldout")
+                   if len(s.response_ids) >= 16][:a.answers]
+        source = "held-out"
     t0 = time.time()
-    stored = []
-    for s in answers:
-        ans = s.response_ids[:a.tokens]
-        stored.append((s.prompt_ids, ans, *drafter_rows(merged, adapter, s.prompt_ids, ans, K)))
-    print(f"{len(answers)} held-out greedy answers x <= {a.tokens} tokens; drafter rows in "
+    stored = [(prompt, ans, *drafter_rows(merged, adapter, prompt, ans, K)) for prompt, ans in answers]
+    print(f"{len(answers)} {source} greedy answers x <= {a.tokens} tokens; drafter rows in "
           f"{time.time() - t0:.0f} s ({models.provenance()['machine']})")
     shapes = [(k, None, 1) for k in (2, 3, 4, 5, 6, 8)]
     shapes += [(k, n, w) for n in (3, 5, 7, 11, 15) for k in (2, 3, 4, 5, 6, 8) for w in (2, 4, 8)
@@ -113,7 +141,7 @@ def main():
         rows.append(dict(method="pard", draft_len=k, tree_nodes=n, tree_width=w, steps=len(steps),
                          new_tokens=emitted, mean_accepted_len=emitted / len(steps),
                          acceptance_rate=accepted / max(proposed, 1), n_prompts=len(answers),
-                         max_new_tokens=a.tokens, target="the 1.5B's held-out greedy answers (replay)",
+                         max_new_tokens=a.tokens, target=f"the target's {source} greedy answers (replay)",
                          checkpoint_steps=header.get("steps")))
     print(f"{'k':>3}{'nodes':>7}{'width':>7}{'verify rows':>13}{'tau':>7}")
     for r in sorted(rows, key=lambda r: (r["tree_nodes"] or r["draft_len"], -r["mean_accepted_len"])):
@@ -121,7 +149,8 @@ def main():
         print(f"{r['draft_len']:>3}{str(r['tree_nodes'] or '-'):>7}{r['tree_width']:>7}{n + 1:>13}"
               f"{r['mean_accepted_len']:>7.3f}")
     prov = provenance(models)
-    out = results_dir("07_pard") / "tree_replay.json"       # a temporary folder under tiny
+    name = "tree_replay_spec_bench.json" if a.spec_bench else "tree_replay.json"
+    out = results_dir("07_pard") / name                    # a temporary folder under tiny
     metrics.write_json(out, [dict(r, **prov) for r in rows])
     print("wrote", out)
 
