@@ -8,16 +8,28 @@
   distribution that can be compared with the target's to 1e-6 instead of by a chi-square test.
 - `tv`: total variation distance between two {outcome: probability} dicts; `tree_call`: the
   arguments of one verify forward over a draft tree.
+- `load_tool`: a script of tools/ as a module (tools/ is not a package).
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import torch
 
 from specdec_lib.qwen2 import Qwen2Config
 from specdec_lib.sampling import probs_from_logits
 from specdec_lib.tree import chain_inputs, step_inputs
+
+
+def load_tool(name: str):
+    """tools/<name>.py imported as a module: load_tool("pard_tree_replay").drafter_rows(...)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------- toy models

@@ -1,21 +1,15 @@
 """tools/clean_notebooks.py and tools/check_book.py on tiny synthetic notebooks and pages."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from tests.helpers import load_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-clean_nb = _tool("clean_notebooks")
-check_book = _tool("check_book")
+clean_nb = load_tool("clean_notebooks")
+check_book = load_tool("check_book")
 BOOT = clean_nb.bootstrap_cell("https://example.org/course", "main")
 
 

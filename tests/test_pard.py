@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import exact_distribution
+from helpers import exact_distribution, load_tool
 
 from specdec_lib.decoding import generate
 from specdec_lib.experiments import goodness_of_fit
@@ -385,19 +385,15 @@ def test_checkpoint_belongs_to_the_draft():
         pard.load_adapter(wrong, path)
 
 
+
 def test_tree_replay_rows_are_the_proposals():
     """tools/pard_tree_replay.py reads every step's proposal from one full-layout forward over an answer:
     its replayed proposer proposes exactly what ParallelDraft proposes step by step (tiny, float32), and
     the greedy replays agree."""
-    import importlib.util
-    from pathlib import Path
     from specdec_lib.decoding import Context
     from specdec_lib.models import EOS_IDS, load_profile
     from specdec_lib.replay import replay_greedy
-    path = Path(__file__).resolve().parents[1] / "tools" / "pard_tree_replay.py"
-    spec = importlib.util.spec_from_file_location("pard_tree_replay", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("pard_tree_replay")
     models = load_profile("tiny", "cpu", torch.float32)
     adapter, _ = pard.load_adapter(models)
     merged, mask_ids, _ = pard.load_drafter(models)
@@ -420,16 +416,11 @@ def test_tree_replay_rows_are_the_proposals():
 def test_tree_replay_spec_bench_answers_are_the_targets_greedy_answers():
     """pard_tree_replay.py --spec-bench: the answers it replays are our baseline loop's greedy output for
     the first N prompts of each Spec-Bench category (tiny, float32)."""
-    import importlib.util
-    from pathlib import Path
     from specdec_lib.data import SPEC_BENCH_TASKS, load_prompt_set
     from specdec_lib.decoding import generate
     from specdec_lib.methods import make_proposer
     from specdec_lib.models import EOS_IDS, load_profile
-    path = Path(__file__).resolve().parents[1] / "tools" / "pard_tree_replay.py"
-    spec = importlib.util.spec_from_file_location("pard_tree_replay", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("pard_tree_replay")
     models = load_profile("tiny", "cpu", torch.float32)
     got = tool.spec_bench_answers(models, 1, 5)
     prompts = [load_prompt_set(f"spec_bench:{c}", models.tokenizer, 1)[0] for c in SPEC_BENCH_TASKS]
