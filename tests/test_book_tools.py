@@ -1,12 +1,7 @@
 """tools/clean_notebooks.py and tools/check_book.py on tiny synthetic notebooks and pages."""
 import json
-import sys
-from pathlib import Path
 
 from tests.helpers import load_tool
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 clean_nb = load_tool("clean_notebooks")
 check_book = load_tool("check_book")
