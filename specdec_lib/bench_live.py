@@ -44,7 +44,7 @@ from .decoding import generate
 from .methods import make_proposer
 from .metrics import check_summary, summarize, write_json
 from .models import EOS_IDS, Models, load_profile
-from .timing import cuda_time, phase_printer
+from .timing import cuda_time, phase_printer, trace
 
 RESULTS = Path(__file__).resolve().parent.parent / "chapters" / "results"
 # where each method's rows go (a method not listed here: "live_<name>")
@@ -189,9 +189,11 @@ def _peer_rows(hf, hf_draft, target, base, run, p, tokens: int, lookup: int) -> 
 @torch.inference_mode()
 def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompts: int = 1, peer_tokens: int = 64,
          prompt_lookup: int = 10, oracle_prompts: int = 2, deadline: float | None = None, on_round=None,
-         buckets=BUCKETS, progress: bool = True) -> dict:
+         buckets=BUCKETS, progress: bool = True, trace_labels=()) -> dict:
     """Run everything; returns {'summaries': [...], 'run': {...}}. on_round(result) after every round.
-    deadline (time.time() value): no round starts that would, at the longest round's pace, end after it."""
+    deadline (time.time() value): no round starts that would, at the longest round's pace, end after it.
+    trace_labels: methods (labels, or "baseline") whose one request on the first prompt runs under the
+    profiler after the warm-up (`trace_request`): the run records where their steps' time goes."""
     t_setup = time.time()
     # setup phases printed as they end: compiling and capturing graphs takes minutes on a fresh GPU machine
     stamp = phase_printer("setup ", enabled=progress)
@@ -281,6 +283,15 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
             del proposers[label]
     setup_s = time.time() - t_setup
     stamp("warm-up done")
+    traced = {}
+    for label in trace_labels:
+        prop = base if label == "baseline" else proposers.get(label)
+        first = next(ps[0] for ps in sets.values() if ps)
+        if prop is not None:
+            traced[label] = attempt(f"trace {label}", trace_request, target, prop, first.prompt_ids, run,
+                                    min(64, new_tokens))
+        else:
+            print(f"(trace: no method {label!r} in this run)")
     # 4. the oracle on real text, for both models
     t0 = time.time()
     left = lambda: float("inf") if deadline is None else deadline - time.time()  # noqa: E731
@@ -367,12 +378,29 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
         out = _collect(models, methods, sets, results, peers, curves, runner, new_tokens, peer_tokens)
         out["run"].update(oracle_real=oracle, setup_s=setup_s, oracle_s=oracle_s, round_s=round_s,
                           rounds_done=done, rounds_planned=rounds, stopped=stopped, hidden_layers=layers, errors=errors,
+                          traces=traced,
                           max_len=max_len, variant_target=dict(runner.variant), variant_draft=dict(draft_runner.variant))
         if on_gpu:
             out["run"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         if on_round is not None:
             on_round(out)
     return out
+
+
+def trace_request(target, proposer, prompt_ids, run: dict, new_tokens: int = 64) -> dict:
+    """One request under the profiler (timing.trace), after one untraced pass on the same prompt: the
+    wall time per step, the share of it the GPU was busy, and the host ops that took the rest. A step
+    whose GPU is idle half the time is bound by the host (launches, copies, syncs), not by its graphs."""
+    generate(target, proposer, prompt_ids, new_tokens, **run)
+    box = []
+    info = trace(lambda: box.append(generate(target, proposer, prompt_ids, new_tokens, **run)))
+    steps = len(box[0].steps)
+    info.update(steps=steps, tokens=len(box[0].tokens), wall_ms_per_step=info["wall_s"] / steps * 1e3,
+                gpu_busy_share=None if info["gpu_busy_s"] is None else info["gpu_busy_s"] / info["wall_s"])
+    busy = "no GPU" if info["gpu_busy_s"] is None else f"GPU busy {info['gpu_busy_share']:.0%} of it"
+    print(f"trace: {steps} steps, {info['tokens']} tokens, {info['wall_ms_per_step']:.2f} ms a step (traced), "
+          f"{busy}, {info['gpu_kernels']} kernels\n{info['host_ops']}")
+    return info
 
 
 def _collect(models, methods, sets, results, peers, curves, runner, new_tokens, peer_tokens) -> dict:
@@ -599,6 +627,8 @@ def live_main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--out", default=str(RESULTS), help="results root (chapter folders inside)")
     ap.add_argument("--tag", default="", help="suffix for the file names, e.g. _fp32")
+    ap.add_argument("--trace", default="", help="comma-separated method labels (or baseline): one request each "
+                    "under the profiler after the warm-up, recorded in the run file (where a step's time goes)")
     a = ap.parse_args(argv)
     methods = parse_methods(a.methods)          # checked before any model loads
     from .methods import METHODS
@@ -630,7 +660,7 @@ def live_main(argv=None):
                                                                       str(models.device)))
 
     out = live(models, methods, sets, a.new_tokens, a.peer_prompts, a.peer_tokens, oracle_prompts=a.oracle_prompts,
-               deadline=t0 + a.budget_s, on_round=save)
+               deadline=t0 + a.budget_s, on_round=save, trace_labels=[x for x in a.trace.split(",") if x])
     print("\n" + live_table(out["summaries"]))
     run = out["run"]
     print(f"\nloading {t_load:.0f} s, setup {run['setup_s']:.0f} s, oracle {run['oracle_s']:.0f} s, rounds {run['rounds_done']}/"

@@ -175,5 +175,8 @@ def ensure_checkpoint(method: str, models, **options) -> Path:
     path = Path(tempfile.gettempdir()) / "specdec_checkpoints" / f"{method}-tiny-{key}.safetensors"
     if not path.exists():
         from .train import train_method
-        train_method(method, models, out=path, progress=False, **options)
+        # subtle: callers may sit under torch.inference_mode (the live bench builds its proposers there),
+        # where training cannot take a gradient
+        with torch.inference_mode(False), torch.enable_grad():
+            train_method(method, models, out=path, progress=False, **options)
     return path

@@ -116,11 +116,23 @@ def test_live_backoff_on_this_runs_curve():
     sets = {"agentic:dataclass": repeated_workload(models.tokenizer, 2)}
     methods = parse_methods("ngram:draft_len=4:cost_curve=runner,suffix:cost_curve=runner")
     out = live(models, methods, sets, new_tokens=10, peer_prompts=0, oracle_prompts=0, buckets=(1, 2, 4, 8),
-               progress=False)
+               progress=False, trace_labels=["baseline", "ngram:draft_len=4:cost_curve=runner", "absent"])
     rows = {s["method"]: s for s in out["summaries"]}
     for label, *_ in methods:
         assert rows[label]["greedy_match_rate"] == 1.0 and rows[label]["n_prompts"] == 2, label
     assert not out["run"].get("errors")
+    # --trace: one profiled request per named method (min(64, new_tokens) tokens; no GPU here, so no busy time)
+    traces = out["run"]["traces"]
+    assert set(traces) == {"baseline", "ngram:draft_len=4:cost_curve=runner"}
+    assert traces["baseline"]["steps"] == 10 and traces["baseline"]["gpu_busy_s"] is None
+    assert "aten::" in traces["baseline"]["host_ops"]
+
+
+def test_busy_time_counts_overlaps_once():
+    from specdec_lib.timing import busy_time
+    assert busy_time([]) == 0
+    assert busy_time([(5, 6), (0, 2), (1, 3)]) == 4          # [0, 3] and [5, 6]
+    assert busy_time([(0, 10), (2, 3), (4, 5)]) == 10        # nested intervals
 
 
 def test_decode_pooled_hand_made():

@@ -8,6 +8,7 @@
 source "$(dirname "$0")/env.sh"
 exec > "$OUT/N.log" 2>&1
 stamp start
+touch ~/N_start                      # results written after this came from these chapters
 if [ ! -d ~/site ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target ~/site ~/stage/whl/*.whl
 fi
@@ -20,3 +21,5 @@ for ch in ${CH:-07_pard}; do
         && stamp "$ch done" || stamp "$ch FAILED (exit $?)"
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
+# what the chapters wrote on this GPU (their gpu_* curves and results), to compare with the stored CPU ones
+find chapters/results -type f -newer ~/N_start -print0 | tar czf "$OUT/N_results.tgz" --null -T - && ls -l "$OUT"
