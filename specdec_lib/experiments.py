@@ -108,16 +108,18 @@ def fixed(proposer) -> Callable:
     return lambda prompt, baseline_tokens: proposer
 
 
-def fast_path(models, max_len: int, hidden_layers=()) -> dict:
+def fast_path(models, max_len: int, hidden_layers=(), model=None) -> dict:
     """generate()'s keyword arguments for the target's fast path, to build ONCE per chapter and pass to
     compare / run_benchmark / sweep / run_workload as `run=`: on a GPU, a captured GraphRunner
     (CUDA graphs, fused kernels; ~1-2 minutes to capture) with its own cache of max_len slots,
     returning the hidden layers a learned proposer reads; on a CPU, {} (the plain forward, nothing to
-    capture). max_len must hold the longest prompt + new tokens + the largest bucket (64)."""
-    if models.target.device.type != "cuda":
+    capture). max_len must hold the longest prompt + new tokens + the largest bucket (64).
+    model: another model's fast path (e.g. models.draft, to time its cost curve as it runs on a GPU)."""
+    model = models.target if model is None else model
+    if model.device.type != "cuda":
         return {}
     from .cuda_graphs import fast_forward
-    forward, cache, kv_len = fast_forward(models.target, max_len, hidden_layers)
+    forward, cache, kv_len = fast_forward(model, max_len, hidden_layers)
     return dict(forward=forward, cache=cache, kv_len=kv_len)
 
 

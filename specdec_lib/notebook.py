@@ -140,16 +140,19 @@ def local_cost_curve(profile: str | None = None, role: str = "target", device: s
     otherwise the stored one, and the message says whose machine that was. Under `tiny` the
     random models' curve says nothing, so the stored `small` curve stands in.
     """
-    from .costmodel import load_cost_curve
+    from .costmodel import CURVES_DIR, load_cost_curve
     from .models import default_device
     device = device or default_device()      # where load_profile puts the models by default
     profile = profile_from_env(profile)
-    name = curve_name("small" if profile == "tiny" else profile, role, device)
-    try:
-        curve = load_cost_curve(name)
-    except FileNotFoundError:
-        name = curve_name("small", role, "cpu")
-        curve = load_cost_curve(name)
+    profile = "small" if profile == "tiny" else profile
+    names = [curve_name(profile, role, device)]                 # this kind of machine's own curve
+    if str(device).startswith("cuda"):
+        # no curve of this GPU yet: the stored H200 curve of the same shapes is closer than a CPU's
+        # (qwen7b's target: the 7B shapes; every profile's draft is a 0.5B, stored for `small`)
+        names += [f"h200_{'7b_shapes' if profile == 'qwen7b' else profile}_{role}", f"h200_small_{role}"]
+    names.append(curve_name("small", role, "cpu"))
+    name = next((n for n in names[:-1] if (CURVES_DIR / f"{n}.json").exists()), names[-1])
+    curve = load_cost_curve(name)
     here = machine_description(device)
     there = curve.get("machine", "?") + (f", {curve['isa']}" if curve.get("isa") else "")
     whose = "this machine" if there == here else f"another machine ({there}); run chapter 1 to measure yours"

@@ -180,6 +180,7 @@ def test_harness_through_a_runner_equals_the_plain_path():
     from specdec_lib.experiments import compare, fast_path, method_arm
     models = load_profile("tiny")
     assert fast_path(models, 256) == {}                       # a CPU: the plain forward
+    assert fast_path(models, 256, model=models.draft) == {}   # the draft too
     prompts = [Prompt("a", "toy", list(range(1000, 1030))), Prompt("b", "toy", [7, 8, 9] * 8)]
     arms = [method_arm(models, "ngram", dict(draft_len=3)), method_arm(models, "oracle", dict(draft_len=4))]
     runner = GraphRunner(models.target, 128).capture()
