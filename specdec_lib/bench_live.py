@@ -15,6 +15,8 @@ One run, one machine, batch 1, greedy:
 - the cost curves of both runners in the same run, so each method's measured speedup is set
   against its prediction: sum(emitted) / sum over steps of (proposer time / t(1) + c(bucket(nodes + 1)));
 - the oracle (the model's own greedy continuation of real prompts) for the target and for the draft model.
+- with --trace LABEL,... (method labels, or baseline): one request of each under torch.profiler after the
+  warm-up (`trace_request`): the wall time per step, the share of it the GPU ran kernels, the host ops.
 
 Prompt sets: Spec-Bench's six categories (--per-category each), the grounded set (data.grounded), and
 chapter 4's repeated workload (six similar dataclass requests, in order). Prompts run round-robin over

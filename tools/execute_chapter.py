@@ -11,21 +11,36 @@ stored outputs and are not run; nbval runs them in CI under `tiny`. Every other 
 order in one kernel, with the same per-cell timeout as the documented nbconvert command.
 """
 import sys
+import time
 
 import nbformat
 from nbclient import NotebookClient
 
 
 class SkipWidgets(NotebookClient):
+    """nbclient's client, except that widget cells keep their stored outputs, and that after every
+    other cell its time goes to stderr and the notebook so far to `dst`: a run killed at a time limit
+    (a leased GPU's call) still leaves the cells it ran and how long each took."""
+
+    def __init__(self, nb, dst: str, **kw):
+        super().__init__(nb, **kw)
+        self.dst = dst
+
     async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
         if "widget" in cell.get("metadata", {}).get("tags", []):
             return cell                  # stored output kept (live_note's text)
-        return await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        if cell.cell_type != "code":
+            return cell
+        t0 = time.perf_counter()
+        out = await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        print(f"cell {cell_index}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        nbformat.write(self.nb, self.dst)
+        return out
 
 
 def main(src: str, dst: str) -> None:
     nb = nbformat.read(src, as_version=4)
-    SkipWidgets(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": "chapters"}}).execute()
+    SkipWidgets(nb, dst, timeout=900, kernel_name="python3", resources={"metadata": {"path": "chapters"}}).execute()
     nbformat.write(nb, dst)
 
 
