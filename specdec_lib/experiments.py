@@ -123,6 +123,23 @@ def fast_path(models, max_len: int, hidden_layers=(), model=None) -> dict:
     return dict(forward=forward, cache=cache, kv_len=kv_len)
 
 
+def fast_model(model, max_len: int, graphs: bool | None = None):
+    """The model to hand a proposer that runs one of its own (draft_model's `draft=`, pard's `drafter=`):
+    on a GPU its forward replayed from CUDA graphs (a GraphDraft over a captured GraphRunner, with the
+    catch-up buckets for the prompt), as the live benchmark runs it; on a CPU the model itself. Why: an
+    eager 0.5B on a GPU is launch-bound (~15 ms a step on an H100, whatever k), so it would time the
+    launches, not the drafter. max_len: the longest prompt + new tokens + 72. graphs=True builds the
+    runner on a CPU too (its eager CPU mode: what the tests check)."""
+    on_gpu = model.device.type == "cuda"
+    if not (on_gpu if graphs is None else graphs):
+        return model
+    from .cuda_graphs import BUCKETS, CATCHUP, GraphDraft, GraphRunner
+    # a draft step feeds 1-2 tokens (PARD: its masks + the accepted ones); the prompt goes to a catch-up bucket
+    runner = GraphRunner(model, max_len + 16, buckets=[b for b in BUCKETS if b <= 32], compile=on_gpu,
+                         fused=on_gpu, catchup=CATCHUP).capture()
+    return GraphDraft(runner)
+
+
 def compare(models, arms: list[Arm], prompts, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
             desc: str = "", progress: bool = True, on_prompt: Callable | None = None, repeats: int = 1,
             run: dict | None = None) -> dict:

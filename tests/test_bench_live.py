@@ -193,6 +193,25 @@ def test_harness_through_a_runner_equals_the_plain_path():
     assert all(s.accepted > 0 for o in fast["oracle"] for s in o.steps[:-1])
 
 
+def test_fast_model_drafters_keep_greedy_output():
+    """experiments.fast_model: a CPU keeps the model itself; forced through its GraphRunner (the CPU mode
+    of a GPU's graphs, catch-up buckets for the prompt), the draft model and PARD's drafter propose what
+    the plain models do, so greedy output equals the baseline's (float32)."""
+    from specdec_lib.experiments import fast_model
+    from specdec_lib.methods.pard import build as pard_build, load_drafter
+    models = load_profile("tiny", "cpu", torch.float32)
+    assert fast_model(models.draft, 256) is models.draft
+    prompt = list(range(1000, 1100))
+    ref = generate(models.target, make_proposer("baseline"), prompt, 20).tokens
+    dm = make_proposer("draft_model", models, draft=fast_model(models.draft, 200, graphs=True), draft_len=3)
+    assert dm.target_vocab == models.target.config.vocab_size
+    out = generate(models.target, dm, prompt, 20)
+    assert out.tokens == ref
+    merged, masks, _ = load_drafter(models)
+    pard = pard_build(models, drafter=(fast_model(merged, 200, graphs=True), masks), draft_len=4)
+    assert generate(models.target, pard, prompt, 20).tokens == ref
+
+
 def test_routed_and_catchup_buckets_keep_greedy_output(tiny_target):
     """float32: with 3- and 4-row steps routed to the 8-row bucket (replay times set by hand) and the
     prompt fed to the draft model and to a PARD drafter through a catch-up bucket, both give the eager

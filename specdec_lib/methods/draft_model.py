@@ -132,11 +132,13 @@ OPTIONS = ("target_vocab", "name")   # passed on to DraftModel
 
 
 def build(models=None, draft_len: int = 4, draft: Qwen2 | None = None, **options):
-    """make_proposer("draft_model", models, draft_len=4); or pass draft= (and target_vocab=) directly."""
+    """make_proposer("draft_model", models, draft_len=4); or pass draft= (a Qwen2, or a GraphDraft standing in
+    for one) with models, or with target_vocab= alone."""
     if draft is None:
         if models is None:
             raise ValueError("draft_model needs models (from load_profile) or draft=<a Qwen2>")
         draft = models.draft
+    if models is not None:       # also with draft= (e.g. experiments.fast_model(models.draft, ...))
         options.setdefault("target_vocab", models.target.config.vocab_size)
     unknown = set(options) - {"target_vocab", "name"}
     if unknown:
