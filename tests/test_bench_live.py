@@ -255,3 +255,24 @@ def test_target_prefill_in_a_catchup_bucket_keeps_greedy_output(method, options)
     out = generate(target, prop, prompt, 20, forward=runner, kv_len=256, cache=runner.cache)
     assert out.tokens == ref == eager.tokens
     assert [s.accepted for s in out.steps] == [s.accepted for s in eager.steps]
+
+
+def test_sampling_through_the_runners_equals_the_plain_path():
+    """T = 1: the target through a GraphRunner and the draft model through a GraphDraft (both in their
+    CPU mode, float32, padded buckets) sample the same tokens as the plain models with the same seeds:
+    the fast path changes where the logits are computed, not which token the verifier draws."""
+    from specdec_lib.data import Prompt
+    from specdec_lib.experiments import Arm, compare, fast_model, fixed
+    models = load_profile("tiny", "cpu", torch.float32)
+    prompts = [Prompt("a", "toy", list(range(1000, 1030))), Prompt("b", "toy", [7, 8, 9] * 8)]
+
+    def arms(draft):
+        return [Arm("draft_model", fixed(make_proposer("draft_model", models, draft=draft, draft_len=3)),
+                    {"draft_len": 3}), Arm("ngram", fixed(make_proposer("ngram", draft_len=3)), {"draft_len": 3})]
+
+    runner = GraphRunner(models.target, 128).capture()
+    fast = compare(models, arms(fast_model(models.draft, 100, graphs=True)), prompts, 16, temperature=1.0,
+                   seed=5, progress=False, run=dict(forward=runner, cache=runner.cache, kv_len=128))
+    plain = compare(models, arms(models.draft), prompts, 16, temperature=1.0, seed=5, progress=False)
+    for label in plain:
+        assert [o.tokens for o in fast[label]] == [o.tokens for o in plain[label]], label
