@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import parse_options
-from .cuda_graphs import BUCKETS, CATCHUP, GraphDraft, GraphRunner, GreedyChain
+from .cuda_graphs import BUCKETS, CATCHUP, GraphDraft, GraphRunner, GreedyChain, draft_runner
 from .data import SPEC_BENCH_TASKS, Prompt, chat_ids, grounded, spec_bench
 from .decoding import generate
 from .methods import make_proposer
@@ -206,10 +206,8 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     # 1. the draft model's runner (buckets: 1-2 tokens fed per draft step, up to 17 for the oracle on it).
     # Every runner here gets the catch-up buckets (cuda_graphs.CATCHUP) for a prompt fed at once: a draft
     # model's or PARD's first proposal, the target's prefill
-    draft_buckets = [b for b in buckets if b <= 32]
-    draft_runner = GraphRunner(draft, max_len + 16, buckets=draft_buckets, compile=on_gpu, fused=on_gpu,
-                               catchup=CATCHUP).capture()
-    draft_chain = GreedyChain(draft_runner.step_forward(1), draft_runner.cache, draft.device)
+    draft_run = draft_runner(draft, max_len, buckets)
+    draft_chain = GreedyChain(draft_run.step_forward(1), draft_run.cache, draft.device)
     if on_gpu:
         draft_chain.capture()
     stamp("draft model's graphs captured")
@@ -225,15 +223,13 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
                 raise ValueError("cost_curve=runner is only known once the target's graphs are captured")
             options = dict(options, cost_curve=run_costs)
         if name == "draft_model":
-            return make_proposer(name, models, draft=GraphDraft(draft_runner),
+            return make_proposer(name, models, draft=GraphDraft(draft_run),
                                  target_vocab=target.config.vocab_size, **options)
         if name == "pard" and "checkpoint" not in options:
             if "pard" not in drafters:
                 from .methods.pard import load_drafter
                 merged, mask_ids, _ = load_drafter(models)
-                pard_runner = GraphRunner(merged, max_len + 16, buckets=draft_buckets, compile=on_gpu,
-                                          fused=on_gpu, catchup=CATCHUP).capture()
-                drafters["pard"] = (GraphDraft(pard_runner), mask_ids)
+                drafters["pard"] = (GraphDraft(draft_runner(merged, max_len, buckets)), mask_ids)
             return make_proposer(name, models, drafter=drafters["pard"], **options)
         return make_proposer(name, models, **options)
 
@@ -262,7 +258,7 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
         chain.capture()
     stamp("target's graphs captured")
     run = dict(forward=runner, kv_len=max_len, cache=runner.cache)
-    curves = {"target": runner_curve(runner), "draft": runner_curve(draft_runner)}
+    curves = {"target": runner_curve(runner), "draft": runner_curve(draft_run)}
     run_costs += [step_cost(curves["target"], runner, T) for T in range(1, 66)]   # drafts up to 64 tokens
     for label, name, opts in later:
         prop = attempt(label, build, name, opts)
@@ -286,9 +282,9 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     setup_s = time.time() - t_setup
     stamp("warm-up done")
     traced = {}
+    first = next(ps[0] for ps in sets.values() if ps)
     for label in trace_labels:
         prop = base if label == "baseline" else proposers.get(label)
-        first = next(ps[0] for ps in sets.values() if ps)
         if prop is not None:
             traced[label] = attempt(f"trace {label}", trace_request, target, prop, first.prompt_ids, run,
                                     min(64, new_tokens))
@@ -304,7 +300,7 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
     oracle = {}
     if real:
         oracle["target"] = attempt("oracle_real(target)", oracle_real, target, runner, chain, real, new_tokens)
-        oracle["draft_as_target"] = attempt("oracle_real(draft)", oracle_real, draft, draft_runner, draft_chain,
+        oracle["draft_as_target"] = attempt("oracle_real(draft)", oracle_real, draft, draft_run, draft_chain,
                                             real, new_tokens)
         oracle = {k: v for k, v in oracle.items() if v is not None}
     oracle_s = time.time() - t0
@@ -381,7 +377,7 @@ def live(models: Models, methods, sets: dict, new_tokens: int = 256, peer_prompt
         out["run"].update(oracle_real=oracle, setup_s=setup_s, oracle_s=oracle_s, round_s=round_s,
                           rounds_done=done, rounds_planned=rounds, stopped=stopped, hidden_layers=layers, errors=errors,
                           traces=traced,
-                          max_len=max_len, variant_target=dict(runner.variant), variant_draft=dict(draft_runner.variant))
+                          max_len=max_len, variant_target=dict(runner.variant), variant_draft=dict(draft_run.variant))
         if on_gpu:
             out["run"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         if on_round is not None:

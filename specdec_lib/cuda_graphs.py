@@ -328,6 +328,16 @@ class GraphDraft:
     __call__ = forward
 
 
+def draft_runner(model, max_len: int, buckets=BUCKETS) -> GraphRunner:
+    """A captured GraphRunner for a model a proposer runs (the draft model, PARD's drafter), as the live
+    bench and the chapters build it: a draft step feeds 1-2 tokens (PARD: its masks + the accepted ones),
+    so buckets up to 32, and the catch-up buckets for the prompt fed at a request's first proposal.
+    16 spare slots beyond max_len: a drafter runs a few positions ahead of the target."""
+    on_gpu = model.device.type == "cuda"
+    return GraphRunner(model, max_len + 16, buckets=[b for b in buckets if b <= 32], compile=on_gpu,
+                       fused=on_gpu, catchup=CATCHUP).capture()
+
+
 def fast_forward(model, max_len: int, hidden_layers=()):
     """What a chapter passes to `generate` to run on the GPU fast path: (forward, cache, kv_len).
 

@@ -130,14 +130,10 @@ def fast_model(model, max_len: int, graphs: bool | None = None):
     eager 0.5B on a GPU is launch-bound (~15 ms a step on an H100, whatever k), so it would time the
     launches, not the drafter. max_len: the longest prompt + new tokens + 72. graphs=True builds the
     runner on a CPU too (its eager CPU mode: what the tests check)."""
-    on_gpu = model.device.type == "cuda"
-    if not (on_gpu if graphs is None else graphs):
+    if not (model.device.type == "cuda" if graphs is None else graphs):
         return model
-    from .cuda_graphs import BUCKETS, CATCHUP, GraphDraft, GraphRunner
-    # a draft step feeds 1-2 tokens (PARD: its masks + the accepted ones); the prompt goes to a catch-up bucket
-    runner = GraphRunner(model, max_len + 16, buckets=[b for b in BUCKETS if b <= 32], compile=on_gpu,
-                         fused=on_gpu, catchup=CATCHUP).capture()
-    return GraphDraft(runner)
+    from .cuda_graphs import GraphDraft, draft_runner
+    return GraphDraft(draft_runner(model, max_len))
 
 
 def compare(models, arms: list[Arm], prompts, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
