@@ -11,7 +11,8 @@ addresses, so:
 
 `GraphRunner` has the same call signature as `Qwen2.forward`, so `generate(..., forward=runner,
 kv_len=cache.max_len, cache=runner.cache)` runs the same loop, graph-replayed. It takes its inputs
-on the CPU (generate builds them there for any custom forward) and ships them in two copies.
+on the CPU (generate builds them there for any custom forward) and ships them in two copies, or on
+the GPU (a draft built there) and writes them into the graph's buffers with device ops.
 
 `GreedyChain` is the autoregressive baseline with no host in the loop (as gpt-fast decodes): one
 graph per token that also takes the argmax and writes the next step's inputs on the device, so the
@@ -174,6 +175,25 @@ class GraphRunner:
         ids, pos, slots = s["idx"][0:1], s["idx"][1:2], s["idx"][2]
         return self.step_forward(b, variant)(ids, pos, self.cache, s["mask"], slots, self.hidden_layers)
 
+    @staticmethod
+    def fill(buf: dict, T: int, start: int, ids, pos, slots, attn_mask) -> None:
+        """Write a T-token step into one bucket's buffers (idx [3, b], mask [b, max_len]), on the
+        host or on the device: rows :T are the step, rows T: padding (token 0 at fresh slots past
+        the new ones, each seeing only itself: written where the mask never lets anyone look)."""
+        idx, mask = buf["idx"], buf["mask"]
+        b = idx.shape[1]
+        idx[0, :T] = ids[0]
+        idx[1, :T] = pos[0]
+        idx[2, :T] = slots
+        mask[:T] = attn_mask
+        if b > T:
+            pad = torch.arange(start + T, start + b, device=idx.device)
+            idx[0, T:] = 0
+            idx[1, T:] = pad
+            idx[2, T:] = pad
+            mask[T:] = False
+            mask[torch.arange(T, b, device=idx.device), pad] = True
+
     def __call__(self, ids, pos, cache, attn_mask, slots, hidden_layers=(), logits=True):
         """Qwen2.forward's signature. hidden_layers may be any subset of the runner's own (the graphs
         return those layers; a proposer that needs none still runs in the same graphs)."""
@@ -188,21 +208,15 @@ class GraphRunner:
             with varying_shape_attention():
                 return self.model(ids.to(dev), pos.to(dev), cache, attn_mask.to(dev), slots.to(dev),
                                   hidden_layers, logits)
-        h, s = self.host[bucket], self.static[bucket]
-        h["idx"][0, :T] = ids[0]
-        h["idx"][1, :T] = pos[0]
-        h["idx"][2, :T] = slots
-        h["mask"][:T] = attn_mask
-        if bucket > T:
-            # padded rows: token 0 at fresh slots past the new ones, each seeing only itself
-            pad = torch.arange(start + T, start + bucket)
-            h["idx"][0, T:] = 0
-            h["idx"][1, T:] = pad
-            h["idx"][2, T:] = pad
-            h["mask"][T:] = False
-            h["mask"][torch.arange(T, bucket), pad] = True
-        s["idx"].copy_(h["idx"], non_blocking=True)
-        s["mask"].copy_(h["mask"], non_blocking=True)
+        if ids.device.type == "cpu":
+            # filled on the host, in pinned memory, and shipped in two copies
+            self.fill(self.host[bucket], T, start, ids, pos, slots, attn_mask)
+            self.static[bucket]["idx"].copy_(self.host[bucket]["idx"], non_blocking=True)
+            self.static[bucket]["mask"].copy_(self.host[bucket]["mask"], non_blocking=True)
+        else:
+            # a draft built on the GPU (PARD's tree): written into the graph's buffers by device ops,
+            # so the host queues this replay without waiting for the proposal
+            self.fill(self.static[bucket], T, start, ids, pos, slots, attn_mask)
         if self.on_gpu:
             # subtle: the next step refills the pinned buffers only after reading this step's logits,
             # which waits for the stream, so a copy never reads a half-written buffer.

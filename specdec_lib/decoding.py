@@ -168,7 +168,8 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     prompt_ids: a list of ids, a [T] or a [1, T] tensor; eos_ids: an int or a list of ints.
     max_len: KV cache slots (default prompt + max_new_tokens + 64). forward: optional replacement
     for target.forward with the same signature (e.g. a CUDA-graph runner); it receives its step
-    inputs on the CPU and moves them itself. kv_len: attend over this many cache slots every step
+    inputs on the CPU and moves them itself, or on the GPU when the proposer left its draft there
+    (PARD's tree: nothing is read back between the proposal and the verify forward). kv_len: attend over this many cache slots every step
     (static shapes) instead of L + T; L + T is the default on a CPU, the whole cache on a GPU. cache:
     reuse this KVCache (a CUDA-graph runner owns one) instead of allocating one (then max_len is its
     size). Bad arguments: check_inputs' ValueErrors.
@@ -201,19 +202,33 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
 
     proposer.reset(prompt)
     tokens, steps, stop = list(prompt), [], "length"
+    # On a GPU a step's split into proposing and verifying is timed with CUDA events, not by waiting
+    # for the GPU after the proposal: a draft left on the device is verified without that wait.
+    events = [] if torch.device(device).type == "cuda" else None
     while len(tokens) - len(prompt) < max_new_tokens:
         t0 = time.perf_counter()
+        if events is not None:
+            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][0].record()
         L = cache.length                     # == len(tokens) - 1
         left = max_new_tokens - (len(tokens) - len(prompt))
         ctx = Context(tokens, len(prompt), max_draft=min(left - 1, max_len - L - 1), params=params,
                       generator=generator, hidden=hidden)
         draft = proposer.propose(ctx) if ctx.max_draft > 0 else Draft.empty()
         draft = draft.truncate(max(ctx.max_draft, 0))
-        _sync(device)
+        if events is not None:
+            events[-1][1].record()           # stamped when the GPU has finished the proposal's work
         t1 = time.perf_counter()
 
-        ids = torch.cat([torch.tensor([tokens[-1]]), draft.tokens.cpu()])[None].to(inputs_on)
-        pos, slots, mask = step_inputs(L, draft.parents, kv_len, inputs_on)
+        if draft.tokens.device.type != "cpu":
+            # a draft left on the GPU: its verify inputs are built there (no copy, no wait), and the
+            # verifier reads back the verdict, the tokens and the parents in one copy
+            dev = draft.tokens.device
+            ids = torch.cat([torch.full((1,), tokens[-1], dtype=torch.long, device=dev), draft.tokens])[None]
+            pos, slots, mask = step_inputs(L, draft.parents, kv_len, dev)
+        else:
+            ids = torch.cat([torch.tensor([tokens[-1]]), draft.tokens])[None].to(inputs_on)
+            pos, slots, mask = step_inputs(L, draft.parents, kv_len, inputs_on)
         logits, h = forward(ids, pos, cache, mask, slots, layers)
         acc = verify(draft, logits[0], params, generator)
         rows = [0] + [1 + i for i in acc.path]
@@ -228,13 +243,19 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
         tokens.extend(new)
         t2 = time.perf_counter()
         # a tree's depth (not its node count) is how many positions could be accepted in a row
-        depth = None if draft.is_chain() else int(depths(draft.parents).max())
+        parents = draft.parents.cpu()
+        chain = torch.equal(parents, torch.arange(len(parents)) - 1)
+        depth = None if chain else int(depths(parents).max())
         steps.append(StepRecord(proposed=len(draft), accepted=min(len(acc.path), len(new)),
                                 emitted=len(new), propose_s=t1 - t0, verify_s=t2 - t1, wall_s=t2 - t0,
                                 draft_depth=depth))
         if stop == "eos":
             break
     wall = time.perf_counter() - t_start
+    if events is not None:           # every event has completed: the last verdict was read back
+        for step, (a, b) in zip(steps, events):
+            step.propose_s = min(a.elapsed_time(b) / 1e3, step.wall_s)
+            step.verify_s = step.wall_s - step.propose_s
     name = getattr(proposer, "name", type(proposer).__name__)
     record = request_record(name, prompt_id, len(prompt), steps, prefill_s, wall)
     return GenerationResult(tokens[len(prompt):], steps, record, stop)

@@ -71,6 +71,25 @@ def ancestors(parents: torch.Tensor) -> torch.Tensor:
     return anc
 
 
+def ancestors_closure(parents: torch.Tensor) -> torch.Tensor:
+    """ancestors() without leaving the parents' device: no loop over nodes, no copy to the host.
+
+    For a draft built on the GPU (PARD's tree): the verify inputs are then built there too and the
+    target's forward is queued behind the drafter's without the host waiting for either. Start from
+    "itself or its parent" and square the reachability matrix: after j squarings a row sees every
+    ancestor up to 2^j levels up, so ceil(log2(N)) squarings reach the root from any depth <= N.
+    Same result as ancestors() (tests/test_tree.py); parents are trusted (the builder guarantees
+    that they come first), since checking them would need the host.
+    """
+    n = parents.numel() + 1
+    rows = torch.arange(n, device=parents.device)
+    up = torch.cat([rows[:1], parents.long() + 1])                  # [N+1] verify row of each row's parent
+    reach = ((rows[None, :] == up[:, None]) | (rows[None, :] == rows[:, None])).float()
+    for _ in range(max(n - 1, 1).bit_length()):
+        reach = ((reach @ reach) > 0).float()                         # exact: 0/1 entries, n <= a few hundred
+    return reach > 0
+
+
 def depths(parents: torch.Tensor) -> torch.Tensor:
     """[N] parents -> [N+1] depth of each verify row (root = 0)."""
     return ancestors(parents).sum(1) - 1
@@ -94,11 +113,12 @@ def step_inputs(cache_len: int, draft_parents: torch.Tensor, kv_len: int | None 
     """Everything the verify forward needs besides token ids, for a draft with these parents.
 
     Returns pos [1, T] (cache_len + depth), slots [T] (cache_len + row) and the mask [T, kv_len].
+    Parents on the GPU (a draft built there) give inputs built there, by device ops only.
     """
-    anc = ancestors(draft_parents)
+    anc = ancestors(draft_parents) if draft_parents.device.type == "cpu" else ancestors_closure(draft_parents)
     T = anc.shape[0]
     pos = (cache_len + anc.sum(1) - 1)[None]
-    slots = cache_len + torch.arange(T)
+    slots = cache_len + torch.arange(T, device=anc.device)
     mask = attention_mask(cache_len, anc, kv_len)
     return pos.to(device), slots.to(device), mask.to(device)
 

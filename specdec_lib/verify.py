@@ -60,8 +60,16 @@ def follow_greedy(draft: Draft, best: list[int]) -> Accepted:
 
 
 def verify_greedy(draft: Draft, logits: torch.Tensor) -> Accepted:
-    """logits [N + 1, V]. One device -> host copy: the argmax of every row."""
-    return follow_greedy(draft, logits.argmax(-1).tolist())
+    """logits [N + 1, V]. One device -> host copy: the argmax of every row, and with it the draft's
+    tokens and parents when the proposer left them on the device (PARD's tree on a GPU)."""
+    best = logits.argmax(-1)
+    if draft.tokens.device.type == "cpu":
+        return follow_greedy(draft, best.tolist())
+    n = len(draft)
+    host = torch.cat([best, draft.tokens.to(best.device), draft.parents.to(best.device)]).tolist()
+    on_host = Draft(torch.tensor(host[n + 1:2 * n + 1], dtype=torch.long),
+                    torch.tensor(host[2 * n + 1:], dtype=torch.long))
+    return follow_greedy(on_host, host[:n + 1])
 
 
 def accept_draft_token(p_x: float, q_x: float, generator: torch.Generator | None, device) -> bool:

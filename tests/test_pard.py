@@ -245,6 +245,39 @@ def test_tree_from_hand_made_probabilities():
     assert prop.tree(logits, 4, SamplingParams(0.0)).tokens.tolist() == [3, 4, 5, 2]
 
 
+def tree_paths(d):
+    """A tree as the set of its root-to-node token paths (the same tree in any node order)."""
+    from specdec_lib.tree import ancestors
+    anc, toks = ancestors(d.parents), d.tokens.tolist()
+    return {tuple(t for t, seen in zip(toks, anc[i + 1, 1:].tolist()) if seen) for i in range(len(toks))}
+
+
+def test_tree_on_device_is_the_host_tree():
+    """tree_on_device (tensor ops, no host) keeps the same nodes as sparse_tree's best-first search, on
+    random probabilities of many shapes and on a tie (probability 1: a child as likely as its parent),
+    with parents before children."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(200):
+        k, r, n = (int(torch.randint(1, hi, (), generator=g)) for hi in (7, 7, 13))
+        top = (torch.randn(k, 40, generator=g) * 3).softmax(-1).topk(r, dim=-1)
+        cases.append((top.values, top.indices, n))
+    cases.append((torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[3, 4], [5, 6]]), 3))
+    for values, ids, n in cases:
+        a, b = pard.tree_on_device(values, ids, n), pard.tree_from_top(values, ids, n)
+        assert len(a) == len(b) and tree_paths(a) == tree_paths(b), (values.shape, n)
+        assert all(-1 <= p < i for i, p in enumerate(a.parents.tolist()))
+    tie = pard.tree_on_device(*cases[-1])
+    assert tie.tokens.tolist() == [3, 4, 5] and tie.parents.tolist() == [-1, -1, 0]
+
+
+def test_tree_candidates_bound():
+    """Only nodes with depth + sum of ranks <= n can be among the n best: 2^n - 1 of them at most."""
+    path, own, parent, cost = pard.tree_candidates(8, 8, 7)
+    assert own.numel() == 2 ** 7 - 1 and int(cost.max()) == 7
+    assert pard.tree_candidates(8, 8, 40) is None            # too many: the tree is built on the host
+
+
 def test_tree_of_width_one_is_the_chain(tiny_pard, tiny_prompts):
     from specdec_lib.decoding import Context
     model, ad = tiny_pard
@@ -263,11 +296,12 @@ def test_tree_of_width_one_is_the_chain(tiny_pard, tiny_prompts):
 def test_tree_greedy_equals_baseline(tiny_target, tiny_pard, tiny_prompts, k, nodes):
     model, ad = tiny_pard
     base = make_proposer("baseline")
-    prop = pard.ParallelDraft(model, masks(ad), draft_len=k, tree_nodes=nodes)
-    for p in tiny_prompts:
-        ref = generate(tiny_target, base, p, MAX_NEW).tokens
-        out = generate(tiny_target, prop, p, MAX_NEW)
-        assert out.tokens == ref, (k, nodes, len(p))
+    for on_dev in (False, True):            # the tree built on the host, or by tree_on_device's ops
+        prop = pard.ParallelDraft(model, masks(ad), draft_len=k, tree_nodes=nodes, device_tree=on_dev)
+        for p in tiny_prompts:
+            ref = generate(tiny_target, base, p, MAX_NEW).tokens
+            out = generate(tiny_target, prop, p, MAX_NEW)
+            assert out.tokens == ref, (k, nodes, len(p), on_dev)
 
 
 def test_tree_rejects_bad_sizes(tiny_pard):
@@ -360,8 +394,8 @@ def test_through_a_graph_runner_as_bench_live_runs_it(tiny_target, tiny_draft, t
     runner = GraphRunner(merged, 128, buckets=(1, 2, 4, 8, 16), compile=False, fused=False).capture()
     drafter = (GraphDraft(runner), masks(ad))
     base = make_proposer("baseline")
-    for k, tree in ((2, None), (5, None), (4, 7)):
-        prop = make_proposer("pard", None, drafter=drafter, draft_len=k, tree_nodes=tree)
+    for k, tree, on_dev in ((2, None, None), (5, None, None), (4, 7, None), (4, 7, True)):
+        prop = make_proposer("pard", None, drafter=drafter, draft_len=k, tree_nodes=tree, device_tree=on_dev)
         for p in tiny_prompts:
             ref = generate(tiny_target, base, p, MAX_NEW).tokens
             assert generate(tiny_target, prop, p, MAX_NEW).tokens == ref, (k, len(p))

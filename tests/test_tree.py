@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from specdec_lib.decoding import prefill
-from specdec_lib.tree import (Draft, ancestors, attention_mask, children, depths, root_to_leaf_paths,
-                              step_inputs)
+from specdec_lib.tree import (Draft, ancestors, ancestors_closure, attention_mask, children, depths,
+                              root_to_leaf_paths, step_inputs)
 from tests.helpers import tree_call
 
 #  root ── a(0) ── b(1)
@@ -24,6 +24,17 @@ def test_ancestors_hand_made():
         [1, 0, 0, 1, 1, 1, 0],  # e
         [1, 0, 0, 1, 0, 0, 1],  # f
     ]
+
+
+def test_ancestors_closure_equals_the_loop():
+    """The device version (reachability by squaring) on the hand-made tree, a chain of 40, one node,
+    and random trees: the same matrix as the loop over nodes."""
+    g = torch.Generator().manual_seed(0)
+    trees = [PARENTS, torch.arange(40) - 1, torch.tensor([-1])]
+    for n in range(2, 30):
+        trees.append(torch.tensor([int(torch.randint(-1, i, (), generator=g)) for i in range(n)]))
+    for parents in trees:
+        assert torch.equal(ancestors_closure(parents), ancestors(parents)), parents.tolist()
 
 
 def test_depths_positions_slots_mask():

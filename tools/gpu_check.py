@@ -40,7 +40,7 @@ from specdec_lib.kernels import FusedQwen2, _candidates, linear  # noqa: E402
 from specdec_lib.methods import make_proposer  # noqa: E402
 from specdec_lib.models import TINY_TARGET  # noqa: E402
 from specdec_lib.qwen2 import Qwen2Config, random_model  # noqa: E402
-from specdec_lib.tree import chain_inputs, step_inputs  # noqa: E402
+from specdec_lib.tree import Draft, chain_inputs, step_inputs  # noqa: E402
 
 DEV = "cpu" if CPU else "cuda"
 if not CPU and not torch.cuda.is_available():
@@ -114,14 +114,18 @@ with torch.inference_mode():
             model(prompt, pos, c, mask, slots, logits=False)
             c.length = L
         worst, bad = 0.0, []
-        for T in steps + ["tree"]:
-            if T == "tree":
+        for T in steps + ["tree", "tree on the device"]:
+            if str(T).startswith("tree"):
                 parents = torch.tensor([-1, 0, 0, 1, 3])   # root's children 0 and 1, a chain under 0
                 ids = torch.randint(0, SHAPES.vocab_size, (1, 6), generator=g)
             else:
                 parents = torch.arange(T - 1) - 1
                 ids = torch.randint(0, SHAPES.vocab_size, (1, T), generator=g)
-            pos, slots, mask = step_inputs(L, parents, MAX_LEN, "cpu")    # the runner takes host inputs
+            if T == "tree on the device":     # a draft built on the GPU: inputs built and written there
+                ids = ids.to(DEV)
+                pos, slots, mask = step_inputs(L, parents.to(DEV), MAX_LEN, DEV)
+            else:
+                pos, slots, mask = step_inputs(L, parents, MAX_LEN, "cpu")    # the runner takes host inputs
             got, gh = runner(ids, pos, runner.cache, mask, slots, (1, -1))
             want, wh = model(ids.to(DEV), pos.to(DEV), ref, mask.to(DEV), slots.to(DEV), (1, -1))
             n = ids.shape[1]
@@ -133,10 +137,26 @@ with torch.inference_mode():
             if max(errs) > TOL:
                 bad.append(str(T))
         used = sorted(set(runner.variant.values()))
-        check(f"{label}: logits, hidden states, cache rows for T = {', '.join(map(str, steps))}, tree "
+        check(f"{label}: logits, hidden states, cache rows for T = {', '.join(map(str, steps))}, tree, "
+              f"tree on the device "
               f"(buckets {runner.all_buckets}; ran {'/'.join(used)})", not bad,
               f"worst rel. error {worst:.1e}" + (f"; bad T: {', '.join(bad)}" if bad else ""))
         del runner
+
+class OnDevice:
+    """Passes a proposer through with its drafts moved to the GPU, as PARD's tree is built there: the
+    verify inputs are then built on the device and the verdict is read back with the draft."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.hidden_layers = inner, inner.name, inner.hidden_layers
+
+    def reset(self, prompt_ids):
+        self.inner.reset(prompt_ids)
+
+    def propose(self, ctx):
+        d = self.inner.propose(ctx)
+        return Draft(d.tokens.to(DEV), d.parents.to(DEV)) if len(d) else d
+
 
 # 4. end to end, token for token (float32; a tiny random model with the real vocabulary on the GPU, a
 #    300-token vocabulary on the CPU, where the interpreted LM-head kernel would be slow)
@@ -154,6 +174,7 @@ for label, kw in variants:
     chain2 = make_proposer("oracle", continuations={tuple(p): ref}, draft_len=2, error_rate=0.2, seed=2, vocab_size=V)
     outs = {"baseline": generate(target, base, p, N, **run).tokens,
             "noisy tree oracle": generate(target, tree, p, N, **run).tokens,
+            "noisy tree oracle, its drafts left on the GPU": generate(target, OnDevice(tree), p, N, **run).tokens,
             "noisy chain oracle (g=2, padded to 4)": generate(target, chain2, p, N, **run).tokens}
     chain = GreedyChain(runner.step_forward(1), runner.cache, DEV)
     if not CPU:

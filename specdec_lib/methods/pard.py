@@ -46,6 +46,7 @@ rule for deterministic proposals.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -275,6 +276,75 @@ def tree_from_top(probs: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Draft
     return fill_candidates(sparse_tree(probs.tolist(), n_nodes), ids)
 
 
+MAX_CANDIDATES = 1 << 16   # more tree_candidates than this: the tree is built on the host instead
+
+
+@functools.lru_cache(maxsize=32)
+def tree_candidates(depth: int, width: int, n_nodes: int, device: str = "cpu"):
+    """Every node that can be among the n_nodes most probable of tree_from_top's tree, as index tables
+    on `device` (made once per shape and cached: a copy to the GPU would make the host wait).
+
+    A node picks rank i_d (0 = best) of the width best tokens at each depth d = 1..D. Its probability
+    is at most that of each node with the same or better ranks along a prefix of its path (its
+    ancestors, its better siblings, ...), and there are at least D + sum(i) - 1 such nodes. So only a
+    node with D + sum(i) <= n_nodes can make the cut: at most 2^n_nodes - 1 of them whatever the width
+    and depth (127 for 7 nodes). Parents come before children (breadth first).
+
+    Returns (path [C, depth] index of each level's probability in the flattened [depth * width] top
+    values, depth * width = a padding slot of probability 1 below the node's own level; own [C] index
+    of the node's token in the same flattening; parent [C] candidate index, C for the root; cost [C] =
+    D + sum(i)), or None when there are more than MAX_CANDIDATES.
+    """
+    path, own, parent, cost = [], [], [], []
+    level = [((), -1, 0)]                     # (ranks so far, candidate index, cost) of the previous level
+    for d in range(1, depth + 1):
+        nxt = []
+        for ranks, c, cst in level:
+            for i in range(width):
+                if cst + 1 + i > n_nodes:
+                    break
+                r = ranks + (i,)
+                path.append([m * width + ri for m, ri in enumerate(r)] + [depth * width] * (depth - d))
+                own.append((d - 1) * width + i)
+                parent.append(c)
+                cost.append(cst + 1 + i)
+                nxt.append((r, len(own) - 1, cst + 1 + i))
+                if len(own) > MAX_CANDIDATES:
+                    return None
+        level = nxt
+    C = len(own)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)   # noqa: E731
+    return as_long(path), as_long(own), as_long([C if q < 0 else q for q in parent]), \
+        torch.tensor(cost, dtype=torch.float64, device=device)
+
+
+def tree_on_device(values: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Draft | None:
+    """tree_from_top's tree, built where values and ids [k, r] live (the GPU), by tensor ops only.
+
+    Nothing is copied to the host, so the target's verify forward is queued right behind the drafter's
+    and the GPU does not wait for the host between them (prediction 23, notes/gpu_performance.md).
+    Score every candidate (tree_candidates) by the log of its path's product of probabilities, keep
+    the n_nodes best, in candidate order (parents first). Ties go to the smaller cost: every node that
+    outranks a node costs less than it, so no node is kept without its parent.
+    Same tree as tree_from_top up to the order of its nodes (tests/test_pard.py). None: too many
+    candidates for this n_nodes (build it on the host).
+    """
+    k, r = values.shape
+    table = tree_candidates(k, r, n_nodes, str(values.device))
+    if table is None:
+        return None
+    path, own, parent, cost = table
+    C = own.numel()
+    n = min(n_nodes, C)
+    logp = values.double().clamp_min(1e-30).log().reshape(-1)                # [k * r]
+    logp = torch.cat([logp, logp.new_zeros(1)])                               # the padding slot: log 1
+    score = logp[path].sum(-1) - 1e-9 * cost                                  # [C]
+    keep = score.topk(n).indices.sort().values                                # [n] parents first
+    node_of = torch.full((C + 1,), -1, dtype=torch.long, device=values.device)  # candidate -> node, root -1
+    node_of[keep] = torch.arange(n, device=values.device)
+    return Draft(ids.reshape(-1)[own[keep]], node_of[parent[keep]])
+
+
 class ParallelDraft(DraftModel):
     """Proposer: k tokens from ONE forward of the drafter (context not yet cached + k - 1 masks).
 
@@ -285,7 +355,8 @@ class ParallelDraft(DraftModel):
     prefill_split = 16   # a longer catch-up (the prompt, at the first step) is fed first without logits
 
     def __init__(self, drafter, mask_ids: list[int], draft_len: int = 4, target_vocab: int | None = None,
-                 name: str | None = None, tree_nodes: int | None = None, tree_width: int = 4):
+                 name: str | None = None, tree_nodes: int | None = None, tree_width: int = 4,
+                 device_tree: bool | None = None):
         if not 1 <= draft_len <= len(mask_ids) + 1:
             raise ValueError(f"draft_len must be in 1..{len(mask_ids) + 1} (the depths trained), got {draft_len}")
         if tree_nodes is not None and (tree_nodes < 1 or tree_width < 1):
@@ -297,6 +368,8 @@ class ParallelDraft(DraftModel):
         # None: a chain of draft_len tokens; else a sparse tree of tree_nodes nodes, depth <= draft_len,
         # from the tree_width most likely tokens of each depth
         self.tree_nodes, self.tree_width = tree_nodes, tree_width
+        # build the tree by device ops (tree_on_device) rather than on the host; None: when on a GPU
+        self.device_tree = device_tree
 
     @torch.inference_mode()
     def proposal_logits(self, tokens: list[int], k: int) -> torch.Tensor:
@@ -341,11 +414,17 @@ class ParallelDraft(DraftModel):
 
         Each depth's tree_width most likely tokens, with their probabilities (at the sampling temperature,
         or at T = 1 when greedy: a one-hot would rank nothing), go to the host in one copy; sparse_tree
-        keeps the n_nodes paths whose product of probabilities is highest (tree_from_top). Tokens are
-        picked, q = None.
+        keeps the n_nodes paths whose product of probabilities is highest (tree_from_top). On a GPU
+        (or with device_tree=True) the same tree is built where the logits are (tree_on_device) and
+        stays there: the verify forward is queued behind the drafter's with no copy between them.
+        Tokens are picked, q = None.
         """
         probs = logits.float().softmax(-1) if params.greedy else probs_from_logits(logits, params)
         top = probs.topk(min(self.tree_width, probs.shape[-1]), dim=-1)              # [k, r] each
+        if top.values.is_cuda if self.device_tree is None else self.device_tree:
+            draft = tree_on_device(top.values, top.indices, n_nodes)   # no copy, no wait
+            if draft is not None:
+                return draft
         # one device -> host copy (ids < 2^24 are exact in float32)
         host = torch.stack([top.values, top.indices.float()]).cpu()
         return tree_from_top(host[0], host[1].long(), n_nodes)
@@ -488,7 +567,7 @@ def load_drafter(models, checkpoint=None) -> tuple[Qwen2, list[int], dict]:
     return merged_model(models.draft, adapter), adapter.mask_ids(adapter.max_depth - 1), header
 
 
-OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width")   # passed on to ParallelDraft
+OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width", "device_tree")   # passed on to ParallelDraft
 
 
 def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | None = None, **options):
@@ -498,7 +577,7 @@ def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | Non
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown pard options {sorted(unknown)}: use draft_len, checkpoint, drafter, target_vocab, "
-                         "tree_nodes, tree_width")
+                         "tree_nodes, tree_width, device_tree")
     if drafter is None:
         if models is None:
             raise ValueError("pard needs models (from load_profile) or drafter=(model, mask_ids)")
