@@ -311,7 +311,8 @@ class GraphDraft:
     graphs write into the runner's cache (fixed addresses), `new_cache` hands out that cache, whatever
     size is asked (it holds runner.max_len slots). Masks [T, S] are widened to the runner's static
     width (the extra columns are hidden), and `device` is the CPU: the proposer builds its step
-    inputs on the host and the runner ships them in its two copies.
+    inputs on the host and the runner ships them in its two copies; ids already on the GPU (a
+    drafted token fed back) keep their step on the GPU.
     """
 
     def __init__(self, runner: GraphRunner):
@@ -335,6 +336,11 @@ class GraphDraft:
         if S > self.runner.max_len:
             raise ValueError(f"a mask over {S} slots does not fit the runner's {self.runner.max_len}: "
                              f"build the draft's GraphRunner with a larger max_len")
+        if ids.device.type != "cpu":
+            # a token drafted on the GPU fed straight back (DraftModel's greedy chain): inputs stay there
+            mask = torch.zeros(T, self.runner.max_len, dtype=torch.bool, device=ids.device)
+            mask[:, :S] = attn_mask.reshape(T, S)
+            return self.runner(ids, pos, cache, mask, slots, hidden_layers, logits)
         mask = torch.zeros(T, self.runner.max_len, dtype=torch.bool)
         mask[:, :S] = attn_mask.reshape(T, S).cpu()
         return self.runner(ids.cpu(), pos.cpu(), cache, mask, slots.cpu(), hidden_layers, logits)

@@ -29,7 +29,7 @@ class Draft:
     @staticmethod
     def chain(tokens, q=None) -> "Draft":
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-        return Draft(tokens, torch.arange(tokens.numel()) - 1, q)
+        return Draft(tokens, torch.arange(tokens.numel(), device=tokens.device) - 1, q)
 
     @staticmethod
     def empty() -> "Draft":
@@ -124,11 +124,12 @@ def step_inputs(cache_len: int, draft_parents: torch.Tensor, kv_len: int | None 
 
 
 def chain_inputs(cache_len: int, T: int, kv_len: int | None = None, device="cpu"):
-    """step_inputs for T tokens in a row (prefill, or the baseline's one-token step): causal mask."""
-    rows = torch.arange(T)
+    """step_inputs for T tokens in a row (prefill, or the baseline's one-token step): causal mask.
+    Built on `device` by tensor ops (no copy from the host: on a GPU a copy would wait for it)."""
+    rows = torch.arange(T, device=device)
     anc = rows[:, None] >= rows[None, :]
     pos = (cache_len + rows)[None]
-    return pos.to(device), (cache_len + rows).to(device), attention_mask(cache_len, anc, kv_len).to(device)
+    return pos, cache_len + rows, attention_mask(cache_len, anc, kv_len)
 
 
 def root_to_leaf_paths(parents: torch.Tensor) -> list[list[int]]:

@@ -13,7 +13,9 @@ So each step:
      the first step
   3. draft g - 1 more tokens, one forward each.
 
-Greedy (T = 0): drafts are the draft's argmax and q = None (one-hot). Sampling: each token is drawn
+Greedy (T = 0): drafts are the draft's argmax and q = None (one-hot); each argmax is fed back where
+it was made (on a GPU, without the host reading it), and the chain goes to the verifier from there.
+Sampling: each token is drawn
 from sampling.probs_from_logits(draft logits, ctx.params) with ctx.generator, and q holds those
 rows, so the shared verifier can accept with min(1, p/q) and stay lossless.
 
@@ -72,10 +74,18 @@ class DraftModel:
         self.name = name or f"draft_model(g={draft_len})"
         self.cache: KVCache | None = None
         self.seen: list[int] = []        # tokens whose keys/values fill cache slots [0, len(seen))
+        self.unread: torch.Tensor | None = None   # fed after `seen`, still on the device (greedy drafts)
         self.fed_per_step: list[int] = []  # tokens fed to the draft per propose call (for the chapter)
 
     def reset(self, prompt_ids) -> None:
-        self.cache, self.seen, self.fed_per_step = None, [], []
+        self.cache, self.seen, self.unread, self.fed_per_step = None, [], None, []
+
+    def _settle(self) -> None:
+        """Move the drafted tokens fed on the device into `seen`: one small copy, made at the next
+        proposal, when the verify step has been read back and the GPU has nothing queued."""
+        if self.unread is not None:
+            self.seen.extend(self.unread.tolist())
+            self.unread = None
 
     def _ensure_capacity(self, n: int) -> None:
         """Grow the cache (copying what it holds) so that n slots fit."""
@@ -98,6 +108,13 @@ class DraftModel:
         self.seen.extend(ids)
         return logits[0, -1]
 
+    def _feed_drafted(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed a drafted token x [1] where it was made (the GPU): no read-back between draft steps,
+        so the host queues all g forwards (and the verify) without waiting. Returns logits [V_draft]."""
+        logits, _ = prefill(self.draft, x.view(1, 1), self.cache)
+        self.unread = x if self.unread is None else torch.cat([self.unread, x])
+        return logits[0, -1]
+
     @torch.inference_mode()
     def propose(self, ctx) -> Draft:
         g = min(self.draft_len, ctx.max_draft)
@@ -105,6 +122,7 @@ class DraftModel:
         if g < 1:
             return Draft.empty()
         self._ensure_capacity(len(tokens) + g)
+        self._settle()
         # 1. keep the cached prefix that still agrees with the context (at least the root is re-fed)
         keep = min(common_prefix_len(self.seen, tokens), len(tokens) - 1)
         self.cache.rollback(keep)
@@ -115,17 +133,21 @@ class DraftModel:
         logits = self._feed(missing)
         drafted, q_rows = [], []
         for i in range(g):
-            if ctx.params.greedy:
-                x = int(logits[:self.vocab].argmax())
-            else:
-                q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)
-                x = int(sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator))
-                q_rows.append(q)
+            if ctx.params.greedy:    # the argmax stays where the logits are: fed back, never read
+                x = logits[:self.vocab].argmax().view(1)
+                drafted.append(x)
+                if i + 1 < g:        # the last draft token is proposed, not fed
+                    logits = self._feed_drafted(x)
+                continue
+            q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)
+            x = int(sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator))
+            q_rows.append(q)
             drafted.append(x)
-            if i + 1 < g:    # the last draft token is proposed, not fed
+            if i + 1 < g:
                 logits = self._feed([x])
-        q = torch.stack(q_rows) if q_rows else None
-        return Draft.chain(drafted, q)
+        if ctx.params.greedy:
+            return Draft.chain(torch.cat(drafted))   # on the GPU when the draft runs there
+        return Draft.chain(drafted, torch.stack(q_rows))
 
 
 OPTIONS = ("target_vocab", "name")   # passed on to DraftModel

@@ -404,7 +404,7 @@ class ParallelDraft(DraftModel):
         if self.tree_nodes is not None:
             return self.tree(logits, min(self.tree_nodes, ctx.max_draft), ctx.params)
         if ctx.params.greedy:
-            return Draft.chain(logits.argmax(-1).cpu())
+            return Draft.chain(logits.argmax(-1))      # left where the logits are: no read-back
         q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)   # [k, V_target]
         drafted = sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator)
         return Draft.chain(drafted.cpu(), q)
