@@ -231,6 +231,11 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
             pos, slots, mask = step_inputs(L, draft.parents, kv_len, inputs_on)
         logits, h = forward(ids, pos, cache, mask, slots, layers)
         acc = verify(draft, logits[0], params, generator)
+        # a tree's depth (not its node count) is how many positions could be accepted in a row
+        # (read here, while the GPU has nothing queued: the verdict was just read back)
+        parents = draft.parents.cpu()
+        chain = torch.equal(parents, torch.arange(len(parents)) - 1)
+        depth = None if chain else int(depths(parents).max())
         rows = [0] + [1 + i for i in acc.path]
         cache.keep(L, rows)
         hidden = {k: v[0, rows] for k, v in h.items()}
@@ -242,10 +247,6 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
                 break
         tokens.extend(new)
         t2 = time.perf_counter()
-        # a tree's depth (not its node count) is how many positions could be accepted in a row
-        parents = draft.parents.cpu()
-        chain = torch.equal(parents, torch.arange(len(parents)) - 1)
-        depth = None if chain else int(depths(parents).max())
         steps.append(StepRecord(proposed=len(draft), accepted=min(len(acc.path), len(new)),
                                 emitted=len(new), propose_s=t1 - t0, verify_s=t2 - t1, wall_s=t2 - t0,
                                 draft_depth=depth))
