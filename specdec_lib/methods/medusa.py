@@ -219,8 +219,8 @@ class HeadsGraph:
     and one read back: 0.66-0.8 ms on the H200, half a 1.5B verify step, while the one big read (the LM
     head, 0.47 GB for all heads at once) takes ~0.1 ms. Replayed it measured 0.33 ms live: the launches
     are gone, the top-k remains; the tokens stay on the GPU (decoding.generate verifies a draft there
-without reading it back first). The newest hidden row is copied into a fixed buffer
-    before each replay. Without a GPU (tests) the same function runs eagerly from the same buffer; a
+    without reading it back first). The newest hidden row is copied into a fixed buffer before each
+    replay. Without a GPU (tests) the same function runs eagerly from the same buffer; a
     failed capture falls back to eager for good.
     """
 
