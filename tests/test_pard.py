@@ -394,7 +394,7 @@ def test_through_a_graph_runner_as_bench_live_runs_it(tiny_target, tiny_draft, t
     runner = GraphRunner(merged, 128, buckets=(1, 2, 4, 8, 16), compile=False, fused=False).capture()
     drafter = (GraphDraft(runner), masks(ad))
     base = make_proposer("baseline")
-    for k, tree, on_dev in ((2, None, None), (5, None, None), (4, 7, None), (4, 7, True)):
+    for k, tree, on_dev in ((2, None, False), (5, None, False), (4, 7, False), (4, 7, True)):
         prop = make_proposer("pard", None, drafter=drafter, draft_len=k, tree_nodes=tree, device_tree=on_dev)
         for p in tiny_prompts:
             ref = generate(tiny_target, base, p, MAX_NEW).tokens

@@ -683,7 +683,7 @@ class ProposeGraph:
             self.graph.replay()
             out = self.out
         proposer.length = L
-        out = out.clone()     # left where it was made (the GPU): the verify is queued behind it, no read-back
+        out = out.cpu()
         return out[0], out[1]
 
     def _capture(self, proposer):

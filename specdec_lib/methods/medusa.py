@@ -218,9 +218,8 @@ class HeadsGraph:
     Eagerly a proposal is a few dozen small kernels, two copies of the template's indices to the device
     and one read back: 0.66-0.8 ms on the H200, half a 1.5B verify step, while the one big read (the LM
     head, 0.47 GB for all heads at once) takes ~0.1 ms. Replayed it measured 0.33 ms live: the launches
-    are gone, the top-k remains; the tokens stay on the GPU (decoding.generate verifies a draft there
-    without reading it back first). The newest hidden row is copied into a fixed buffer before each
-    replay. Without a GPU (tests) the same function runs eagerly from the same buffer; a
+    are gone, the top-k and the copy back remain. The newest hidden row is copied into a fixed buffer
+    before each replay. Without a GPU (tests) the same function runs eagerly from the same buffer; a
     failed capture falls back to eager for good.
     """
 
@@ -252,7 +251,7 @@ class HeadsGraph:
                 self.failed = True
                 return None
         self.graph.replay()
-        return self.out.clone()      # left on the GPU: the verify is queued behind it with no read-back
+        return self.out.cpu()
 
 
 class Medusa:
@@ -286,8 +285,6 @@ class Medusa:
         if ctx.params.greedy and n == self.draft_len and self.graph is not None:
             tokens = self.graph(self, h[-1])
             if tokens is not None:
-                if self.parents.device != tokens.device:    # once: the template's parents where the tokens are
-                    self.parents = self.parents.to(tokens.device)
                 return Draft(tokens, self.parents)
         template = self.template.truncate(n)
         logits = self.head_logits(h[-1], max(template.heads) + 1)     # [K, V] from the last accepted token

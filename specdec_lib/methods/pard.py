@@ -323,6 +323,8 @@ def tree_on_device(values: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Dra
 
     Nothing is copied to the host, so the target's verify forward is queued right behind the drafter's
     and the GPU does not wait for the host between them (prediction 23, notes/gpu_performance.md).
+    Measured (H100, live run 11): no faster than the host's tree, because its ~50 small ops are
+    launched one by one from Python; recorded as one CUDA graph they would cost one launch.
     Score every candidate (tree_candidates) by the log of its path's product of probabilities, keep
     the n_nodes best, in candidate order (parents first). Ties go to the smaller cost: every node that
     outranks a node costs less than it, so no node is kept without its parent.
@@ -356,7 +358,7 @@ class ParallelDraft(DraftModel):
 
     def __init__(self, drafter, mask_ids: list[int], draft_len: int = 4, target_vocab: int | None = None,
                  name: str | None = None, tree_nodes: int | None = None, tree_width: int = 4,
-                 device_tree: bool | None = None):
+                 device_tree: bool = False):
         if not 1 <= draft_len <= len(mask_ids) + 1:
             raise ValueError(f"draft_len must be in 1..{len(mask_ids) + 1} (the depths trained), got {draft_len}")
         if tree_nodes is not None and (tree_nodes < 1 or tree_width < 1):
@@ -368,7 +370,9 @@ class ParallelDraft(DraftModel):
         # None: a chain of draft_len tokens; else a sparse tree of tree_nodes nodes, depth <= draft_len,
         # from the tree_width most likely tokens of each depth
         self.tree_nodes, self.tree_width = tree_nodes, tree_width
-        # build the tree by device ops (tree_on_device) rather than on the host; None: when on a GPU
+        # build the tree by device ops (tree_on_device) rather than on the host. Off by default: on
+        # the H100 of live run 11 it was no faster (1.23x against 1.27x, same run): its ~50 small ops
+        # cost the host more launch time than the read-back they save (notes/gpu_performance.md, 23)
         self.device_tree = device_tree
 
     @torch.inference_mode()
@@ -414,14 +418,14 @@ class ParallelDraft(DraftModel):
 
         Each depth's tree_width most likely tokens, with their probabilities (at the sampling temperature,
         or at T = 1 when greedy: a one-hot would rank nothing), go to the host in one copy; sparse_tree
-        keeps the n_nodes paths whose product of probabilities is highest (tree_from_top). On a GPU
-        (or with device_tree=True) the same tree is built where the logits are (tree_on_device) and
-        stays there: the verify forward is queued behind the drafter's with no copy between them.
+        keeps the n_nodes paths whose product of probabilities is highest (tree_from_top). With
+        device_tree=True the same tree is built where the logits are (tree_on_device) and stays
+        there: the verify forward is queued behind the drafter's with no copy between them.
         Tokens are picked, q = None.
         """
         probs = logits.float().softmax(-1) if params.greedy else probs_from_logits(logits, params)
         top = probs.topk(min(self.tree_width, probs.shape[-1]), dim=-1)              # [k, r] each
-        if top.values.is_cuda if self.device_tree is None else self.device_tree:
+        if self.device_tree:
             draft = tree_on_device(top.values, top.indices, n_nodes)   # no copy, no wait
             if draft is not None:
                 return draft
