@@ -225,7 +225,10 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
             # verifier reads back the verdict, the tokens and the parents in one copy
             dev = draft.tokens.device
             ids = torch.cat([torch.full((1,), tokens[-1], dtype=torch.long, device=dev), draft.tokens])[None]
-            pos, slots, mask = step_inputs(L, draft.parents, kv_len, dev)
+            if draft.known_chain:  # the root and a chain: the causal mask, built in a few launches
+                pos, slots, mask = chain_inputs(L, len(draft) + 1, kv_len, dev)
+            else:
+                pos, slots, mask = step_inputs(L, draft.parents, kv_len, dev)
         else:
             ids = torch.cat([torch.tensor([tokens[-1]]), draft.tokens])[None].to(inputs_on)
             pos, slots, mask = step_inputs(L, draft.parents, kv_len, inputs_on)

@@ -22,6 +22,8 @@ class Draft:
     parents: torch.Tensor                # [N] long, -1 = child of the root
     q: torch.Tensor | None = None        # [N, V]: row i = distribution node i was drawn from (sampling only)
     without_replacement: bool = False    # siblings drawn without replacement: verify drops earlier siblings from q
+    known_chain: bool = False            # made by Draft.chain: a chain without looking at parents (on the GPU,
+                                         # its verify inputs then need no ancestor closure: fewer launches)
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
@@ -29,7 +31,7 @@ class Draft:
     @staticmethod
     def chain(tokens, q=None) -> "Draft":
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-        return Draft(tokens, torch.arange(tokens.numel(), device=tokens.device) - 1, q)
+        return Draft(tokens, torch.arange(tokens.numel(), device=tokens.device) - 1, q, known_chain=True)
 
     @staticmethod
     def empty() -> "Draft":
@@ -43,7 +45,7 @@ class Draft:
         if len(self) <= max_nodes:
             return self
         q = None if self.q is None else self.q[:max_nodes]
-        return Draft(self.tokens[:max_nodes], self.parents[:max_nodes], q, self.without_replacement)
+        return Draft(self.tokens[:max_nodes], self.parents[:max_nodes], q, self.without_replacement, self.known_chain)
 
 
 def validate_parents(parents: torch.Tensor) -> None:

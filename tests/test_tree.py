@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from specdec_lib.decoding import prefill
-from specdec_lib.tree import (Draft, ancestors, ancestors_closure, attention_mask, children, depths,
-                              root_to_leaf_paths, step_inputs)
+from specdec_lib.tree import (Draft, ancestors, ancestors_closure, attention_mask, chain_inputs, children,
+                              depths, root_to_leaf_paths, step_inputs)
 from tests.helpers import tree_call
 
 #  root ── a(0) ── b(1)
@@ -35,6 +35,15 @@ def test_ancestors_closure_equals_the_loop():
         trees.append(torch.tensor([int(torch.randint(-1, i, (), generator=g)) for i in range(n)]))
     for parents in trees:
         assert torch.equal(ancestors_closure(parents), ancestors(parents)), parents.tolist()
+
+
+def test_chain_inputs_are_a_chains_step_inputs():
+    """What generate builds for a Draft.chain on the GPU (chain_inputs) is step_inputs of its parents."""
+    d = Draft.chain([5, 6, 7])
+    assert d.known_chain and not Draft(d.tokens, d.parents).known_chain and d.truncate(2).known_chain
+    for kv_len in (None, 32):
+        for a, b in zip(chain_inputs(10, len(d) + 1, kv_len), step_inputs(10, d.parents, kv_len)):
+            assert torch.equal(a, b)
 
 
 def test_depths_positions_slots_mask():

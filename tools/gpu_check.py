@@ -155,7 +155,7 @@ class OnDevice:
 
     def propose(self, ctx):
         d = self.inner.propose(ctx)
-        return Draft(d.tokens.to(DEV), d.parents.to(DEV)) if len(d) else d
+        return Draft(d.tokens.to(DEV), d.parents.to(DEV), known_chain=d.known_chain) if len(d) else d
 
 
 # 4. end to end, token for token (float32; a tiny random model with the real vocabulary on the GPU, a
@@ -175,7 +175,8 @@ for label, kw in variants:
     outs = {"baseline": generate(target, base, p, N, **run).tokens,
             "noisy tree oracle": generate(target, tree, p, N, **run).tokens,
             "noisy tree oracle, its drafts left on the GPU": generate(target, OnDevice(tree), p, N, **run).tokens,
-            "noisy chain oracle (g=2, padded to 4)": generate(target, chain2, p, N, **run).tokens}
+            "noisy chain oracle (g=2, padded to 4)": generate(target, chain2, p, N, **run).tokens,
+            "noisy chain oracle, its drafts left on the GPU": generate(target, OnDevice(chain2), p, N, **run).tokens}
     chain = GreedyChain(runner.step_forward(1), runner.cache, DEV)
     if not CPU:
         chain.capture()
