@@ -214,8 +214,8 @@ class GraphRunner:
             self.static[bucket]["idx"].copy_(self.host[bucket]["idx"], non_blocking=True)
             self.static[bucket]["mask"].copy_(self.host[bucket]["mask"], non_blocking=True)
         else:
-            # a draft built on the GPU (PARD's tree): written into the graph's buffers by device ops,
-            # so the host queues this replay without waiting for the proposal
+            # a draft built on the GPU (the draft model's chain): written into the graph's buffers
+            # by device ops, so the host queues this replay without waiting for the proposal
             self.fill(self.static[bucket], T, start, ids, pos, slots, attn_mask)
         if self.on_gpu:
             # subtle: the next step refills the pinned buffers only after reading this step's logits,

@@ -169,7 +169,7 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
     max_len: KV cache slots (default prompt + max_new_tokens + 64). forward: optional replacement
     for target.forward with the same signature (e.g. a CUDA-graph runner); it receives its step
     inputs on the CPU and moves them itself, or on the GPU when the proposer left its draft there
-    (PARD's tree: nothing is read back between the proposal and the verify forward). kv_len: attend
+    (the draft model's greedy chain: nothing is read back before the verify forward). kv_len: attend
     over this many cache slots every step (static shapes) instead of L + T; L + T is the default on
     a CPU, the whole cache on a GPU. cache: reuse this KVCache (a CUDA-graph runner owns one) instead
     of allocating one (then max_len is its size). Bad arguments: check_inputs' ValueErrors.

@@ -22,8 +22,8 @@ class Draft:
     parents: torch.Tensor                # [N] long, -1 = child of the root
     q: torch.Tensor | None = None        # [N, V]: row i = distribution node i was drawn from (sampling only)
     without_replacement: bool = False    # siblings drawn without replacement: verify drops earlier siblings from q
-    known_chain: bool = False            # made by Draft.chain: a chain without looking at parents (on the GPU,
-                                         # its verify inputs then need no ancestor closure: fewer launches)
+    known_chain: bool = False            # made by Draft.chain: a chain without reading parents (on the
+                                         # GPU its verify inputs need no ancestor closure: fewer launches)
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
@@ -76,10 +76,11 @@ def ancestors(parents: torch.Tensor) -> torch.Tensor:
 def ancestors_closure(parents: torch.Tensor) -> torch.Tensor:
     """ancestors() without leaving the parents' device: no loop over nodes, no copy to the host.
 
-    For a draft built on the GPU (PARD's tree): the verify inputs are then built there too and the
-    target's forward is queued behind the drafter's without the host waiting for either. Start from
-    "itself or its parent" and square the reachability matrix: after j squarings a row sees every
-    ancestor up to 2^j levels up, so ceil(log2(N)) squarings reach the root from any depth <= N.
+    For a tree built on the GPU (PARD's, with device_tree=True): the verify inputs are then built
+    there too and the target's forward is queued behind the drafter's without the host waiting for
+    either. Start from "itself or its parent" and square the reachability matrix: after j squarings
+    a row sees every ancestor up to 2^j levels up, so ceil(log2(N)) squarings reach the root from
+    any depth <= N.
     Same result as ancestors() (tests/test_tree.py); parents are trusted (the builder guarantees
     that they come first), since checking them would need the host.
     """

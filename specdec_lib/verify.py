@@ -61,7 +61,7 @@ def follow_greedy(draft: Draft, best: list[int]) -> Accepted:
 
 def verify_greedy(draft: Draft, logits: torch.Tensor) -> Accepted:
     """logits [N + 1, V]. One device -> host copy: the argmax of every row, and with it the draft's
-    tokens and parents when the proposer left them on the device (PARD's tree on a GPU)."""
+    tokens and parents when the proposer left them on the device (a draft built on the GPU)."""
     best = logits.argmax(-1)
     if draft.tokens.device.type == "cpu":
         return follow_greedy(draft, best.tolist())
