@@ -336,14 +336,12 @@ class GraphDraft:
         if S > self.runner.max_len:
             raise ValueError(f"a mask over {S} slots does not fit the runner's {self.runner.max_len}: "
                              f"build the draft's GraphRunner with a larger max_len")
-        if ids.device.type != "cpu":
-            # a token drafted on the GPU fed straight back (DraftModel's greedy chain): inputs stay there
-            mask = torch.zeros(T, self.runner.max_len, dtype=torch.bool, device=ids.device)
-            mask[:, :S] = attn_mask.reshape(T, S)
-            return self.runner(ids, pos, cache, mask, slots, hidden_layers, logits)
-        mask = torch.zeros(T, self.runner.max_len, dtype=torch.bool)
-        mask[:, :S] = attn_mask.reshape(T, S).cpu()
-        return self.runner(ids.cpu(), pos.cpu(), cache, mask, slots.cpu(), hidden_layers, logits)
+        # ids on the CPU, or on the GPU for a token drafted there and fed straight back (DraftModel's
+        # greedy chain): the step's inputs stay where the ids are
+        on = ids.device
+        mask = torch.zeros(T, self.runner.max_len, dtype=torch.bool, device=on)
+        mask[:, :S] = attn_mask.reshape(T, S).to(on)
+        return self.runner(ids, pos.to(on), cache, mask, slots.to(on), hidden_layers, logits)
 
     __call__ = forward
 

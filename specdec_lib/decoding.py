@@ -220,25 +220,20 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
             events[-1][1].record()           # stamped when the GPU has finished the proposal's work
         t1 = time.perf_counter()
 
-        if draft.tokens.device.type != "cpu":
-            # a draft left on the GPU: its verify inputs are built there (no copy, no wait), and the
-            # verifier reads back the verdict, the tokens and the parents in one copy
-            dev = draft.tokens.device
-            ids = torch.cat([torch.full((1,), tokens[-1], dtype=torch.long, device=dev), draft.tokens])[None]
-            if draft.known_chain:  # the root and a chain: the causal mask, built in a few launches
-                pos, slots, mask = chain_inputs(L, len(draft) + 1, kv_len, dev)
-            else:
-                pos, slots, mask = step_inputs(L, draft.parents, kv_len, dev)
+        # the verify inputs are built where the forward takes them, or on the GPU when the proposer
+        # left its draft there (no copy, no wait; the verifier then reads the verdict, the tokens
+        # and the parents back in one copy). A chain's causal mask takes a few launches.
+        on = draft.tokens.device if draft.tokens.device.type != "cpu" else torch.device(inputs_on)
+        ids = torch.cat([torch.full((1,), tokens[-1], dtype=torch.long, device=on), draft.tokens.to(on)])[None]
+        if draft.known_chain:
+            pos, slots, mask = chain_inputs(L, len(draft) + 1, kv_len, on)
         else:
-            ids = torch.cat([torch.tensor([tokens[-1]]), draft.tokens])[None].to(inputs_on)
-            pos, slots, mask = step_inputs(L, draft.parents, kv_len, inputs_on)
+            pos, slots, mask = step_inputs(L, draft.parents, kv_len, on)
         logits, h = forward(ids, pos, cache, mask, slots, layers)
         acc = verify(draft, logits[0], params, generator)
         # a tree's depth (not its node count) is how many positions could be accepted in a row
         # (read here, while the GPU has nothing queued: the verdict was just read back)
-        parents = draft.parents.cpu()
-        chain = torch.equal(parents, torch.arange(len(parents)) - 1)
-        depth = None if chain else int(depths(parents).max())
+        depth = None if draft.is_chain() else int(depths(draft.parents).max())
         rows = [0] + [1 + i for i in acc.path]
         cache.keep(L, rows)
         hidden = {k: v[0, rows] for k, v in h.items()}

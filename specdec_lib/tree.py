@@ -38,7 +38,7 @@ class Draft:
         return Draft.chain([])
 
     def is_chain(self) -> bool:
-        return bool(torch.equal(self.parents.cpu(), torch.arange(len(self)) - 1))
+        return self.known_chain or bool(torch.equal(self.parents.cpu(), torch.arange(len(self)) - 1))
 
     def truncate(self, max_nodes: int) -> "Draft":
         """Keep the first max_nodes nodes (parents precede children, so this is still a tree)."""

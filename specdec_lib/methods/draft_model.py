@@ -135,19 +135,16 @@ class DraftModel:
         for i in range(g):
             if ctx.params.greedy:    # the argmax stays where the logits are: fed back, never read
                 x = logits[:self.vocab].argmax().view(1)
-                drafted.append(x)
-                if i + 1 < g:        # the last draft token is proposed, not fed
-                    logits = self._feed_drafted(x)
-                continue
-            q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)
-            x = int(sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator))
-            q_rows.append(q)
+            else:
+                q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)
+                x = int(sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator))
+                q_rows.append(q)
             drafted.append(x)
-            if i + 1 < g:
-                logits = self._feed([x])
-        if ctx.params.greedy:
-            return Draft.chain(torch.cat(drafted))   # on the GPU when the draft runs there
-        return Draft.chain(drafted, torch.stack(q_rows))
+            if i + 1 < g:    # the last draft token is proposed, not fed
+                logits = self._feed_drafted(x) if ctx.params.greedy else self._feed([x])
+        q = torch.stack(q_rows) if q_rows else None
+        # greedy: the chain stays where the draft ran (the GPU), for the verify to take from there
+        return Draft.chain(torch.cat(drafted) if ctx.params.greedy else drafted, q)
 
 
 OPTIONS = ("target_vocab", "name")   # passed on to DraftModel
