@@ -37,6 +37,8 @@ class Context:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     # ^ target hidden states {layer: [n, H]} of the n tokens written to the cache since the
     #   last call: prompt[:-1] at the first step, then the root and the accepted nodes.
+    kv_len: int | None = None          # the verify mask's width (None: L + T), for a proposer that
+                                       # builds the verify inputs itself (Draft.inputs)
 
 
 class Proposer(Protocol):
@@ -213,7 +215,7 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
         L = cache.length                     # == len(tokens) - 1
         left = max_new_tokens - (len(tokens) - len(prompt))
         ctx = Context(tokens, len(prompt), max_draft=min(left - 1, max_len - L - 1), params=params,
-                      generator=generator, hidden=hidden)
+                      generator=generator, hidden=hidden, kv_len=kv_len)
         draft = proposer.propose(ctx) if ctx.max_draft > 0 else Draft.empty()
         draft = draft.truncate(max(ctx.max_draft, 0))
         if events is not None:
@@ -223,12 +225,16 @@ def generate(target, proposer: Proposer, prompt_ids, max_new_tokens: int, temper
         # the verify inputs are built where the forward takes them, or on the GPU when the proposer
         # left its draft there (no copy, no wait; the verifier then reads the verdict, the tokens
         # and the parents back in one copy). A chain's causal mask takes a few launches.
+        # A proposer may hand them over ready-made (Draft.inputs: PARD's tree recorded as one graph).
         on = draft.tokens.device if draft.tokens.device.type != "cpu" else torch.device(inputs_on)
-        ids = torch.cat([torch.full((1,), tokens[-1], dtype=torch.long, device=on), draft.tokens.to(on)])[None]
-        if draft.known_chain:
-            pos, slots, mask = chain_inputs(L, len(draft) + 1, kv_len, on)
+        if draft.inputs is not None:
+            pos, slots, mask, ids = draft.inputs
         else:
-            pos, slots, mask = step_inputs(L, draft.parents, kv_len, on)
+            ids = torch.cat([torch.full((1,), tokens[-1], dtype=torch.long, device=on), draft.tokens.to(on)])[None]
+            if draft.known_chain:
+                pos, slots, mask = chain_inputs(L, len(draft) + 1, kv_len, on)
+            else:
+                pos, slots, mask = step_inputs(L, draft.parents, kv_len, on)
         logits, h = forward(ids, pos, cache, mask, slots, layers)
         acc = verify(draft, logits[0], params, generator)
         # a tree's depth (not its node count) is how many positions could be accepted in a row

@@ -24,6 +24,9 @@ class Draft:
     without_replacement: bool = False    # siblings drawn without replacement: verify drops earlier siblings from q
     known_chain: bool = False            # made by Draft.chain: a chain without reading parents (on the
                                          # GPU its verify inputs need no ancestor closure: fewer launches)
+    inputs: tuple | None = None          # (pos [1, T], slots [T], mask [T, kv_len], ids [1, T]) of the verify,
+                                         # built with the draft on the GPU (PARD's TreeGraph), or None:
+                                         # generate builds them (step_inputs)
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
@@ -44,7 +47,7 @@ class Draft:
         """Keep the first max_nodes nodes (parents precede children, so this is still a tree)."""
         if len(self) <= max_nodes:
             return self
-        q = None if self.q is None else self.q[:max_nodes]
+        q = None if self.q is None else self.q[:max_nodes]     # (prebuilt verify inputs no longer fit: dropped)
         return Draft(self.tokens[:max_nodes], self.parents[:max_nodes], q, self.without_replacement, self.known_chain)
 
 

@@ -401,6 +401,38 @@ def test_through_a_graph_runner_as_bench_live_runs_it(tiny_target, tiny_draft, t
             assert generate(tiny_target, prop, p, MAX_NEW).tokens == ref, (k, len(p))
 
 
+def test_tree_step_inputs_are_step_inputs():
+    """TreeGraph's step (L and the root as device scalars, static mask width) builds the same tree and the
+    same verify inputs as tree_on_device + step_inputs with L known on the host."""
+    from specdec_lib.tree import step_inputs
+    g = torch.Generator().manual_seed(3)
+    for k, r, n, L in ((2, 3, 4, 0), (4, 4, 7, 5), (6, 3, 15, 30), (4, 8, 7, 57)):
+        values = torch.rand(k, r, generator=g).sort(-1, descending=True).values
+        ids = torch.randint(0, 1000, (k, r), generator=g)
+        d = pard.tree_step_inputs(values, ids, n, torch.tensor(L), torch.tensor(11), kv_len=96)
+        ref = pard.tree_on_device(values, ids, n)
+        assert torch.equal(d.tokens, ref.tokens) and torch.equal(d.parents, ref.parents)
+        pos, slots, mask, tokens = d.inputs
+        for got, want in zip((pos, slots, mask), step_inputs(L, ref.parents, 96)):
+            assert torch.equal(got, want), (k, r, n, L)
+        assert tokens.tolist() == [[11] + ref.tokens.tolist()]
+
+
+def test_tree_graph_through_the_target_runner(tiny_target, tiny_draft, tiny_pard, tiny_prompts):
+    """device_tree=True with the target behind a GraphRunner (a static mask width): the tree and its verify
+    inputs come from TreeGraph (on a CPU: its function, eagerly), and the output is still the target's."""
+    from specdec_lib.cuda_graphs import GraphRunner
+    model, ad = tiny_pard
+    runner = GraphRunner(tiny_target, 128, buckets=(1, 2, 4, 8, 16), compile=False, fused=False).capture()
+    fast = dict(forward=runner, kv_len=runner.max_len, cache=runner.cache)
+    base = make_proposer("baseline")
+    prop = pard.ParallelDraft(model, masks(ad), draft_len=4, tree_nodes=7, device_tree=True)
+    for p in tiny_prompts:
+        ref = generate(tiny_target, base, p, MAX_NEW).tokens
+        assert generate(tiny_target, prop, p, MAX_NEW, **fast).tokens == ref, len(p)
+    assert (4, 7, runner.max_len) in prop.graphs          # the recorded step served the full-size trees
+
+
 def test_checkpoint_belongs_to_the_draft():
     """The tiny checkpoint (trained in seconds, cached) loads for the draft it was trained on, stores only
     the adapter, and is refused for another base model (e.g. the target)."""

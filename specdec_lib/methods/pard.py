@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from ..decoding import prefill
 from ..qwen2 import Qwen2
 from ..sampling import probs_from_logits, sample
-from ..tree import Draft
+from ..tree import Draft, ancestors_closure
 from .draft_model import DraftModel, common_prefix_len, fit_vocab
 
 MASK_ID0 = 151665          # first id the Qwen2.5 tokenizer does not use: mask of depth 2
@@ -347,6 +347,67 @@ def tree_on_device(values: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Dra
     return Draft(ids.reshape(-1)[own[keep]], node_of[parent[keep]])
 
 
+def tree_step_inputs(values: torch.Tensor, ids: torch.Tensor, n_nodes: int, L: torch.Tensor,
+                     root: torch.Tensor, kv_len: int) -> Draft:
+    """tree_on_device's tree together with its verify inputs, with the cache length L and the root
+    token as device scalars: every shape is fixed, so one CUDA graph records it (TreeGraph).
+
+    Same inputs as step_inputs(L, parents, kv_len) with the root in front of the tokens, built
+    without knowing L on the host: column c of the mask is a cached slot when c < L (seen by
+    every row) and new row c - L when L <= c < L + T (seen by its descendants).
+    """
+    draft = tree_on_device(values, ids, n_nodes)
+    anc = ancestors_closure(draft.parents)                                 # [T, T], T = n + 1
+    T = anc.shape[0]
+    rows = torch.arange(T, device=values.device)
+    pos = (L + anc.sum(1) - 1)[None]                                       # [1, T]: L + depth
+    col = torch.arange(kv_len, device=values.device) - L                   # [kv_len], new row or < 0
+    new = (col >= 0) & (col < T)
+    mask = (col < 0)[None] | (anc[:, col.clamp(0, T - 1)] & new[None])    # [T, kv_len]
+    tokens = torch.cat([root.view(1), draft.tokens])[None]                 # [1, T]: the root first
+    return Draft(draft.tokens, draft.parents, inputs=(pos, L + rows, mask, tokens))
+
+
+class TreeGraph:
+    """PARD's greedy tree step recorded as one CUDA graph (prediction 26, notes/gpu_performance.md):
+    the drafter's k rows of logits -> top-k per depth -> tree_on_device -> the verify inputs.
+
+    Built eagerly on the GPU (device_tree without a graph) these are ~50 small ops, each launched from
+    Python: on the H100 of live run 11 that cost more than the one read-back it saved. Recorded, they
+    are one launch, queued behind the drafter's graph, and the target's verify graph follows without
+    the host waiting for either. Inputs are copied into fixed buffers first (logits [k, V]; L and the
+    root, the only per-step scalars). On a CPU the same function runs eagerly (what tests check).
+    A replay rewrites the previous step's draft: it must have been verified by then (it always is).
+    """
+
+    def __init__(self, k: int, vocab: int, width: int, n_nodes: int, kv_len: int, like: torch.Tensor):
+        self.width, self.n_nodes, self.kv_len = width, n_nodes, kv_len
+        self.logits = torch.zeros(k, vocab, dtype=like.dtype, device=like.device)   # static input
+        self.state = torch.zeros(2, dtype=torch.long, device=like.device)            # L, root
+        on_gpu = like.device.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.long).pin_memory() if on_gpu else None
+        self.graph, self.out = None, None
+
+    def _step(self) -> Draft:
+        top = self.logits.float().softmax(-1).topk(self.width, dim=-1)     # T = 1: as the host's tree
+        return tree_step_inputs(top.values, top.indices, self.n_nodes, self.state[0], self.state[1], self.kv_len)
+
+    def __call__(self, logits: torch.Tensor, L: int, root: int) -> Draft:
+        self.logits.copy_(logits)
+        if self.host is None:
+            self.state[0], self.state[1] = L, root
+            return self._step()
+        # subtle: the pinned buffer is rewritten only after the last step's verdict was read back,
+        # so its copy (queued before that verify) has long finished
+        self.host[0], self.host[1] = L, root
+        self.state.copy_(self.host, non_blocking=True)
+        if self.graph is None:
+            from ..cuda_graphs import record
+            self.graph, self.out = record(self._step)
+        self.graph.replay()
+        return self.out
+
+
 class ParallelDraft(DraftModel):
     """Proposer: k tokens from ONE forward of the drafter (context not yet cached + k - 1 masks).
 
@@ -370,10 +431,13 @@ class ParallelDraft(DraftModel):
         # None: a chain of draft_len tokens; else a sparse tree of tree_nodes nodes, depth <= draft_len,
         # from the tree_width most likely tokens of each depth
         self.tree_nodes, self.tree_width = tree_nodes, tree_width
-        # build the tree by device ops (tree_on_device) rather than on the host. Off by default: on
-        # the H100 of live run 11 it was no faster (1.23x against 1.27x, same run): its ~50 small ops
-        # cost the host more launch time than the read-back they save (notes/gpu_performance.md, 23)
+        # build the tree by device ops (tree_on_device) rather than on the host; where the verify's
+        # mask has a static width (a graph runner's kv_len) as one recorded graph with its verify
+        # inputs (TreeGraph, greedy). Off by default: eagerly, on the H100 of live run 11, it was no
+        # faster (1.23x against 1.27x, same run): ~50 small ops launched one by one from Python cost
+        # more than the read-back they save (notes/gpu_performance.md, 23; the graph is 26)
         self.device_tree = device_tree
+        self.graphs: dict[tuple, TreeGraph] = {}          # (k, nodes, kv_len) -> its recorded tree step
 
     @torch.inference_mode()
     def proposal_logits(self, tokens: list[int], k: int) -> torch.Tensor:
@@ -406,7 +470,15 @@ class ParallelDraft(DraftModel):
             return Draft.empty()
         logits = self.proposal_logits(ctx.tokens, k)[:, :self.vocab]
         if self.tree_nodes is not None:
-            return self.tree(logits, min(self.tree_nodes, ctx.max_draft), ctx.params)
+            n = min(self.tree_nodes, ctx.max_draft)
+            if self.device_tree and ctx.params.greedy and ctx.kv_len is not None \
+                    and tree_candidates(k, self.tree_width, n) is not None:
+                key = (k, n, ctx.kv_len)
+                if key not in self.graphs:
+                    self.graphs[key] = TreeGraph(k, self.vocab, min(self.tree_width, self.vocab), n,
+                                                 ctx.kv_len, logits)
+                return self.graphs[key](logits, len(ctx.tokens) - 1, ctx.tokens[-1])
+            return self.tree(logits, n, ctx.params)
         if ctx.params.greedy:
             return Draft.chain(logits.argmax(-1))      # left where the logits are: no read-back
         q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)   # [k, V_target]

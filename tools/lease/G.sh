@@ -5,9 +5,10 @@
 # Run after the last change to a GPU path. GB=0: gpu_check alone; GC=0: the float32 bench alone. The two do not fit
 # one call (2026-12-07, H100: gpu_check 311 s, then the float32 capture 126 s for the draft runner alone): run
 # `GB=0 bash tools/lease/G.sh` and `GC=0 GB=520 bash tools/lease/G.sh` as two calls.
-# $OUT/G.log, $OUT/live_fp32.tgz; exit status 1 if a check fails.
+# $OUT/G.log (GLOG=name: $OUT/name.log, so the two can run side by side in one call: neither is a timing),
+# $OUT/live_fp32.tgz; exit status 1 if a check fails.
 source "$(dirname "$0")/env.sh"
-exec > "$OUT/G.log" 2>&1
+exec > "$OUT/${GLOG:-G}.log" 2>&1
 stamp start
 use_new_checkpoints
 status=0
