@@ -433,6 +433,21 @@ def test_tree_graph_through_the_target_runner(tiny_target, tiny_draft, tiny_pard
     assert (4, 7, runner.max_len) in prop.graphs          # the recorded step served the full-size trees
 
 
+def test_tree_graph_step_compiles_to_one_graph():
+    """TreeGraph(compiled=True) puts its step through torch.compile before recording it: the step must
+    trace as one graph (no break: the index tables are held, not looked up) and give the eager step's
+    tree and inputs. Traced with the eager backend here (what dynamo sees); inductor runs on the GPU."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 300, generator=g)
+    step = pard.TreeGraph(4, 300, 4, 7, kv_len=64, like=logits, compiled=True)
+    step.logits.copy_(logits)
+    step.state[0], step.state[1] = 20, 9
+    want = step._step()
+    got = torch.compile(step._step, fullgraph=True, backend="eager", dynamic=False)()
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
+    assert all(torch.equal(a, b) for a, b in zip(got.inputs, want.inputs))
+
+
 def test_checkpoint_belongs_to_the_draft():
     """The tiny checkpoint (trained in seconds, cached) loads for the draft it was trained on, stores only
     the adapter, and is refused for another base model (e.g. the target)."""

@@ -202,23 +202,29 @@ for label, kw in variants:
     del draft_runner
 
 # PARD's tree with the target as its own drafter (its depth-1 row is the target's next token, so every step
-# accepts at least one; the last ids of the vocabulary serve as masks), built on the host and recorded as one graph with its verify inputs (TreeGraph, prediction 26): the same trees, so
-# the same acceptance step by step, and both the target's greedy output
+# accepts at least one; the last ids of the vocabulary serve as masks), built on the host and recorded as one
+# graph with its verify inputs (TreeGraph, prediction 26): the same trees, so the same acceptance step by step,
+# and both the target's greedy output
 from specdec_lib.methods.pard import ParallelDraft  # noqa: E402
 pard_masks = [V - 7 + i for i in range(7)]
 for label, kw in variants:
     runner = GraphRunner(target, 256, **kw).capture()
     run = dict(forward=runner, kv_len=256, cache=runner.cache)
     res = {}
-    for dev_tree in (False, True):
-        prop = ParallelDraft(target, pard_masks, draft_len=4, tree_nodes=7, device_tree=dev_tree)
+    # the tree built on the host; recorded as one graph; and (GPU only) compiled before it is recorded
+    for how in ("host", "graph") + (() if CPU else ("compiled",)):
+        prop = ParallelDraft(target, pard_masks, draft_len=4, tree_nodes=7, device_tree=how != "host",
+                             compile_tree=how == "compiled")
         r = generate(target, prop, p, N, **run)
-        recorded = CPU or any(g.graph is not None for g in prop.graphs.values())
-        res[dev_tree] = (r.tokens, [s.accepted for s in r.steps], recorded)
-    same = res[True][:2] == res[False][:2] and res[False][0] == ref and res[True][2] and bool(prop.graphs)
-    check(f"{label}: PARD's tree of 7 {'recorded as one graph' if not CPU else 'by TreeGraph, eagerly'} "
-          "accepts what the host's tree does, step by step, and == eager baseline", same,
-          f"accepted {res[True][1][:8]} vs {res[False][1][:8]}; graphs {list(prop.graphs)}")
+        recorded = how == "host" or CPU or any(g.graph is not None for g in prop.graphs.values())
+        res[how] = (r.tokens, [s.accepted for s in r.steps], recorded)
+    for how in res:
+        if how == "host":
+            continue
+        same = res[how][:2] == res["host"][:2] and res["host"][0] == ref and res[how][2]
+        check(f"{label}: PARD's tree of 7 {'by TreeGraph, eagerly' if CPU else 'recorded as one graph'}"
+              f"{', compiled' if how == 'compiled' else ''} accepts what the host's tree does, step by step, "
+              "and == eager baseline", same, f"accepted {res[how][1][:8]} vs {res['host'][1][:8]}")
     del runner
 
 # 5. EAGLE-3: the whole proposal replayed from one CUDA graph against the eager path, draft by draft

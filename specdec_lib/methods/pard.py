@@ -318,7 +318,7 @@ def tree_candidates(depth: int, width: int, n_nodes: int, device: str = "cpu"):
         torch.tensor(cost, dtype=torch.float64, device=device)
 
 
-def tree_on_device(values: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Draft | None:
+def tree_on_device(values: torch.Tensor, ids: torch.Tensor, n_nodes: int, table=None) -> Draft | None:
     """tree_from_top's tree, built where values and ids [k, r] live (the GPU), by tensor ops only.
 
     Nothing is copied to the host, so the target's verify forward is queued right behind the drafter's
@@ -329,10 +329,11 @@ def tree_on_device(values: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Dra
     the n_nodes best, in candidate order (parents first). Ties go to the smaller cost: every node that
     outranks a node costs less than it, so no node is kept without its parent.
     Same tree as tree_from_top up to the order of its nodes (tests/test_pard.py). None: too many
-    candidates for this n_nodes (build it on the host).
+    candidates for this n_nodes (build it on the host). table: tree_candidates' tables, when the caller
+    holds them (TreeGraph: a compiled function then sees no cache lookup).
     """
     k, r = values.shape
-    table = tree_candidates(k, r, n_nodes, str(values.device))
+    table = table or tree_candidates(k, r, n_nodes, str(values.device))
     if table is None:
         return None
     path, own, parent, cost = table
@@ -348,7 +349,7 @@ def tree_on_device(values: torch.Tensor, ids: torch.Tensor, n_nodes: int) -> Dra
 
 
 def tree_step_inputs(values: torch.Tensor, ids: torch.Tensor, n_nodes: int, L: torch.Tensor,
-                     root: torch.Tensor, kv_len: int) -> Draft:
+                     root: torch.Tensor, kv_len: int, table=None) -> Draft:
     """tree_on_device's tree together with its verify inputs, with the cache length L and the root
     token as device scalars: every shape is fixed, so one CUDA graph records it (TreeGraph).
 
@@ -356,7 +357,7 @@ def tree_step_inputs(values: torch.Tensor, ids: torch.Tensor, n_nodes: int, L: t
     without knowing L on the host: column c of the mask is a cached slot when c < L (seen by
     every row) and new row c - L when L <= c < L + T (seen by its descendants).
     """
-    draft = tree_on_device(values, ids, n_nodes)
+    draft = tree_on_device(values, ids, n_nodes, table)
     anc = ancestors_closure(draft.parents)                                 # [T, T], T = n + 1
     T = anc.shape[0]
     rows = torch.arange(T, device=values.device)
@@ -378,10 +379,17 @@ class TreeGraph:
     the host waiting for either. Inputs are copied into fixed buffers first (logits [k, V]; L and the
     root, the only per-step scalars). On a CPU the same function runs eagerly (what tests check).
     A replay rewrites the previous step's draft: it must have been verified by then (it always is).
+
+    compiled: the recorded function goes through torch.compile first (static shapes). Measured (H200,
+    live run 12): recorded, the step still took ~0.2 ms of GPU time, about what the host's round trip
+    cost, because each of its ~50 kernels keeps its few-microsecond floor inside a graph; compiling
+    fuses them into a few (prediction 28, notes/gpu_performance.md).
     """
 
-    def __init__(self, k: int, vocab: int, width: int, n_nodes: int, kv_len: int, like: torch.Tensor):
-        self.width, self.n_nodes, self.kv_len = width, n_nodes, kv_len
+    def __init__(self, k: int, vocab: int, width: int, n_nodes: int, kv_len: int, like: torch.Tensor,
+                 compiled: bool = False):
+        self.width, self.n_nodes, self.kv_len, self.compiled = width, n_nodes, kv_len, compiled
+        self.table = tree_candidates(k, width, n_nodes, str(like.device))   # fixed index tables
         self.logits = torch.zeros(k, vocab, dtype=like.dtype, device=like.device)   # static input
         self.state = torch.zeros(2, dtype=torch.long, device=like.device)            # L, root
         on_gpu = like.device.type == "cuda"
@@ -390,7 +398,8 @@ class TreeGraph:
 
     def _step(self) -> Draft:
         top = self.logits.float().softmax(-1).topk(self.width, dim=-1)     # T = 1: as the host's tree
-        return tree_step_inputs(top.values, top.indices, self.n_nodes, self.state[0], self.state[1], self.kv_len)
+        return tree_step_inputs(top.values, top.indices, self.n_nodes, self.state[0], self.state[1], self.kv_len,
+                                self.table)
 
     def __call__(self, logits: torch.Tensor, L: int, root: int) -> Draft:
         self.logits.copy_(logits)
@@ -401,9 +410,10 @@ class TreeGraph:
         # so its copy (queued before that verify) has long finished
         self.host[0], self.host[1] = L, root
         self.state.copy_(self.host, non_blocking=True)
-        if self.graph is None:
+        if self.graph is None:            # compiled at record()'s first warm-up call, outside the capture
             from ..cuda_graphs import record
-            self.graph, self.out = record(self._step)
+            self.graph, self.out = record(torch.compile(self._step, dynamic=False) if self.compiled
+                                          else self._step)
         self.graph.replay()
         return self.out
 
@@ -419,7 +429,7 @@ class ParallelDraft(DraftModel):
 
     def __init__(self, drafter, mask_ids: list[int], draft_len: int = 4, target_vocab: int | None = None,
                  name: str | None = None, tree_nodes: int | None = None, tree_width: int = 4,
-                 device_tree: bool = False):
+                 device_tree: bool = False, compile_tree: bool = False):
         if not 1 <= draft_len <= len(mask_ids) + 1:
             raise ValueError(f"draft_len must be in 1..{len(mask_ids) + 1} (the depths trained), got {draft_len}")
         if tree_nodes is not None and (tree_nodes < 1 or tree_width < 1):
@@ -436,7 +446,7 @@ class ParallelDraft(DraftModel):
         # inputs (TreeGraph, greedy). Off by default: eagerly, on the H100 of live run 11, it was no
         # faster (1.23x against 1.27x, same run): ~50 small ops launched one by one from Python cost
         # more than the read-back they save (notes/gpu_performance.md, 23; the graph is 26)
-        self.device_tree = device_tree
+        self.device_tree, self.compile_tree = device_tree, compile_tree   # compile_tree: TreeGraph(compiled=True)
         self.graphs: dict[tuple, TreeGraph] = {}          # (k, nodes, kv_len) -> its recorded tree step
 
     @torch.inference_mode()
@@ -471,19 +481,32 @@ class ParallelDraft(DraftModel):
         logits = self.proposal_logits(ctx.tokens, k)[:, :self.vocab]
         if self.tree_nodes is not None:
             n = min(self.tree_nodes, ctx.max_draft)
-            if self.device_tree and ctx.params.greedy and ctx.kv_len is not None \
-                    and tree_candidates(k, self.tree_width, n) is not None:
-                key = (k, n, ctx.kv_len)
-                if key not in self.graphs:
-                    self.graphs[key] = TreeGraph(k, self.vocab, min(self.tree_width, self.vocab), n,
-                                                 ctx.kv_len, logits)
-                return self.graphs[key](logits, len(ctx.tokens) - 1, ctx.tokens[-1])
+            if self.device_tree and ctx.params.greedy and ctx.kv_len is not None:
+                draft = self.recorded_tree(logits, n, ctx)     # with its verify inputs
+                if draft is not None:
+                    return draft
             return self.tree(logits, n, ctx.params)
         if ctx.params.greedy:
             return Draft.chain(logits.argmax(-1))      # left where the logits are: no read-back
         q = fit_vocab(probs_from_logits(logits, ctx.params), self.vocab, self.target_vocab)   # [k, V_target]
         drafted = sample(q.to(ctx.generator.device) if ctx.generator is not None else q, ctx.generator)
         return Draft.chain(drafted.cpu(), q)
+
+    def recorded_tree(self, logits: torch.Tensor, n_nodes: int, ctx) -> Draft | None:
+        """The greedy tree of n_nodes and its verify inputs (Draft.inputs, mask width ctx.kv_len) from
+        this shape's TreeGraph, made at its first use; None when the tree has too many candidates to
+        be built by device ops (tree_candidates)."""
+        k = logits.shape[0]
+        if tree_candidates(k, self.tree_width, n_nodes) is None:
+            return None
+        key = (k, n_nodes, ctx.kv_len)
+        if key not in self.graphs:
+            # compiled only at full size: the smaller trees of a request's last steps would each
+            # cost a compile (seconds) inside a timed request
+            full = (k, n_nodes) == (self.draft_len, self.tree_nodes)
+            self.graphs[key] = TreeGraph(k, self.vocab, min(self.tree_width, self.vocab), n_nodes,
+                                         ctx.kv_len, logits, self.compile_tree and full)
+        return self.graphs[key](logits, len(ctx.tokens) - 1, ctx.tokens[-1])
 
     def tree(self, logits: torch.Tensor, n_nodes: int, params) -> Draft:
         """logits [k, V] (depths 1..k) -> a sparse tree of n_nodes: Medusa's, on this step's probabilities.
@@ -643,7 +666,7 @@ def load_drafter(models, checkpoint=None) -> tuple[Qwen2, list[int], dict]:
     return merged_model(models.draft, adapter), adapter.mask_ids(adapter.max_depth - 1), header
 
 
-OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width", "device_tree")   # passed on to ParallelDraft
+OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width", "device_tree", "compile_tree")   # passed on to ParallelDraft
 
 
 def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | None = None, **options):
@@ -653,7 +676,7 @@ def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | Non
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown pard options {sorted(unknown)}: use draft_len, checkpoint, drafter, target_vocab, "
-                         "tree_nodes, tree_width, device_tree")
+                         "tree_nodes, tree_width, device_tree, compile_tree")
     if drafter is None:
         if models is None:
             raise ValueError("pard needs models (from load_profile) or drafter=(model, mask_ids)")
