@@ -105,14 +105,15 @@ def attention_mask(cache_len: int, anc: torch.Tensor, kv_len: int | None = None)
     """[T, kv_len] bool: row i sees every cached slot (< cache_len) and the new slots of its ancestors.
 
     New row i is written at slot cache_len + i. kv_len defaults to cache_len + T; a larger value
-    (e.g. the whole cache, for static shapes on a GPU) adds columns nobody sees.
+    (e.g. the whole cache, for static shapes on a GPU) adds columns nobody sees. Columns are compared
+    with cache_len, never sliced by it, so cache_len may also be a number on the GPU (PARD's recorded
+    tree step: the shapes then do not depend on its value; kv_len must be given).
     """
     T = anc.shape[0]
     kv_len = cache_len + T if kv_len is None else kv_len
-    mask = torch.zeros(T, kv_len, dtype=torch.bool, device=anc.device)
-    mask[:, :cache_len] = True
-    mask[:, cache_len:cache_len + T] = anc
-    return mask
+    col = torch.arange(kv_len, device=anc.device) - cache_len      # < 0: a cached slot, 0..T-1: new row
+    new = (col >= 0) & (col < T)
+    return (col < 0)[None] | (anc[:, col.clamp(0, T - 1)] & new[None])
 
 
 def step_inputs(cache_len: int, draft_parents: torch.Tensor, kv_len: int | None = None, device="cpu"):

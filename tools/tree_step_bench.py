@@ -15,10 +15,12 @@ replay). Writes a JSON list to --out.
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 
 from specdec_lib.methods import pard
+from specdec_lib.sampling import SamplingParams
 from specdec_lib.tree import step_inputs
 
 SHAPES = ((4, 4, 7), (6, 8, 7), (6, 8, 15))       # (k, width, nodes)
@@ -26,10 +28,9 @@ VOCAB, KV_LEN, L, REPS = 151665, 2048, 900, 200
 
 
 def host_step(logits, width, nodes):
-    probs = logits.float().softmax(-1)
-    top = probs.topk(width, dim=-1)
-    host = torch.stack([top.values, top.indices.float()]).cpu()
-    draft = pard.tree_from_top(host[0], host[1].long(), nodes)
+    # ParallelDraft.tree as a proposer runs it (only its tree settings are read), then what generate builds
+    settings = SimpleNamespace(tree_width=width, device_tree=False)
+    draft = pard.ParallelDraft.tree(settings, logits, nodes, SamplingParams(0.0))
     return step_inputs(L, draft.parents, KV_LEN, "cpu")
 
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from ..decoding import prefill
 from ..qwen2 import Qwen2
 from ..sampling import probs_from_logits, sample
-from ..tree import Draft, ancestors_closure
+from ..tree import Draft, ancestors_closure, attention_mask
 from .draft_model import DraftModel, common_prefix_len, fit_vocab
 
 MASK_ID0 = 151665          # first id the Qwen2.5 tokenizer does not use: mask of depth 2
@@ -354,19 +354,14 @@ def tree_step_inputs(values: torch.Tensor, ids: torch.Tensor, n_nodes: int, L: t
     token as device scalars: every shape is fixed, so one CUDA graph records it (TreeGraph).
 
     Same inputs as step_inputs(L, parents, kv_len) with the root in front of the tokens, built
-    without knowing L on the host: column c of the mask is a cached slot when c < L (seen by
-    every row) and new row c - L when L <= c < L + T (seen by its descendants).
+    without knowing L on the host (attention_mask compares columns with L).
     """
     draft = tree_on_device(values, ids, n_nodes, table)
     anc = ancestors_closure(draft.parents)                                 # [T, T], T = n + 1
-    T = anc.shape[0]
-    rows = torch.arange(T, device=values.device)
     pos = (L + anc.sum(1) - 1)[None]                                       # [1, T]: L + depth
-    col = torch.arange(kv_len, device=values.device) - L                   # [kv_len], new row or < 0
-    new = (col >= 0) & (col < T)
-    mask = (col < 0)[None] | (anc[:, col.clamp(0, T - 1)] & new[None])    # [T, kv_len]
+    slots = L + torch.arange(anc.shape[0], device=values.device)           # [T]
     tokens = torch.cat([root.view(1), draft.tokens])[None]                 # [1, T]: the root first
-    return Draft(draft.tokens, draft.parents, inputs=(pos, L + rows, mask, tokens))
+    return Draft(draft.tokens, draft.parents, inputs=(pos, slots, attention_mask(L, anc, kv_len), tokens))
 
 
 class TreeGraph:
@@ -666,7 +661,8 @@ def load_drafter(models, checkpoint=None) -> tuple[Qwen2, list[int], dict]:
     return merged_model(models.draft, adapter), adapter.mask_ids(adapter.max_depth - 1), header
 
 
-OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width", "device_tree", "compile_tree")   # passed on to ParallelDraft
+# passed on to ParallelDraft
+OPTIONS = ("target_vocab", "name", "tree_nodes", "tree_width", "device_tree", "compile_tree")
 
 
 def build(models=None, checkpoint=None, draft_len: int = 4, drafter: tuple | None = None, **options):
