@@ -7,9 +7,9 @@
 # are installed into ~/site. Each executed notebook comes back as $OUT/<chapter>.ipynb, its log as
 # $OUT/N_<chapter>.log. SPECDEC_PROFILE stays `small` (the staged pair; qwen7b needs the hub).
 source "$(dirname "$0")/env.sh"
-exec > "$OUT/N.log" 2>&1
+exec > "$OUT/${NLOG:-N}.log" 2>&1   # NLOG: another name, so two N.sh can share a call
 stamp start
-touch ~/N_start                      # results written after this came from these chapters
+touch ~/"${NLOG:-N}"_start                      # results written after this came from these chapters
 if [ ! -d ~/site ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target ~/site ~/stage/whl/*.whl
 fi
@@ -25,4 +25,4 @@ for ch in ${CH:-07_pard}; do
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 # what the chapters wrote on this GPU (their gpu_* curves and results), to compare with the stored CPU ones
-find chapters/results -type f -newer ~/N_start -print0 | tar czf "$OUT/N_results.tgz" --null -T - && ls -l "$OUT"
+find chapters/results -type f -newer ~/"${NLOG:-N}"_start -print0 | tar czf "$OUT/${NLOG:-N}_results.tgz" --null -T - && ls -l "$OUT"
