@@ -236,6 +236,7 @@ class GreedyChain:
     `out` and advances the state, all without reading anything back, so on a GPU it is captured once
     as a graph and the host just queues replays; it reads `out` every `check_every` tokens (for EOS)
     and at the end. The tokens equal `generate` with the baseline proposer (tests/test_decoding.py).
+    Its record's decode time is pro-rated to the tokens kept: steps run past an EOS are not charged.
     """
 
     def __init__(self, forward, cache, device):
@@ -283,11 +284,12 @@ class GreedyChain:
         _sync(device)
         prefill_s = time.perf_counter() - t_start
         run = self.graph.replay if self.graph is not None else self.step
-        new, stop = [], "length"
+        new, stop, ran = [], "length", 0
         while len(new) < max_new_tokens and stop == "length":
             n = min(check_every, max_new_tokens - len(new))
             for _ in range(n):
                 run()
+            ran += n
             chunk = self.out[len(new):len(new) + n].tolist()    # the one sync per check_every tokens
             for t in chunk:
                 new.append(t)
@@ -295,8 +297,11 @@ class GreedyChain:
                     stop = "eos"
                     break
         cache.length = L + len(new)      # the cache holds everything but the newest token (the root)
-        wall = time.perf_counter() - t_start
-        per = (wall - prefill_s) / len(new)
+        # the steps decoded past an EOS inside the last chunk are not counted: time per step is what
+        # this loop measures, and a loop that stopped at the EOS would not have run them (counted, a
+        # 10-token answer would be charged 64 steps, and the rate would read 6x too slow)
+        per = (time.perf_counter() - t_start - prefill_s) / ran
+        wall = prefill_s + per * len(new)
         steps = [StepRecord(proposed=0, accepted=0, emitted=1, propose_s=0.0, verify_s=per, wall_s=per)
                  for _ in new]
         record = request_record("baseline_device_loop", prompt_id, len(prompt), steps, prefill_s, wall)
