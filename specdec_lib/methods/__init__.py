@@ -1,11 +1,15 @@
 """One file per method. Each module exposes `build(models, **options) -> Proposer`.
 
 `make_proposer("ngram", models, max_n=3)` imports `specdec_lib.methods.ngram` and calls its build.
+Every method also takes `backoff="measured"`: the proposer wrapped so that it drafts only while
+drafting is measured to be faster than plain decoding on this machine (specdec_lib/backoff.py).
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+
+from ..backoff import wrap
 
 # method name -> module in this package (modules for later chapters are added as they land)
 METHODS = {
@@ -46,12 +50,12 @@ def option_names(name: str) -> set[str] | None:
 def check_options(name: str, options: dict) -> None:
     """ValueError naming the valid options when one is unknown (no model needed: run it before loading)."""
     names = option_names(name)
-    unknown = set(options) - names if names is not None else set()
+    unknown = set(options) - names - {"backoff"} if names is not None else set()
     if unknown:
         raise ValueError(f"unknown {name} option(s) {', '.join(sorted(unknown))}: "
                          f"{name} takes {', '.join(sorted(names)) or 'no options'}")
 
 
-def make_proposer(name: str, models=None, **options):
+def make_proposer(name: str, models=None, backoff: str | None = None, **options):
     check_options(name, options)
-    return _module(name).build(models, **options)
+    return wrap(_module(name).build(models, **options), backoff)
