@@ -26,7 +26,8 @@ wait carry over from one request to the next: they describe this machine and thi
 
 The first speculative step of a request is not timed: it also catches the proposer up on the
 prompt (a draft model's prefill), a one-off cost counted in the request's wall time but not in
-the rate of a step. Going back to `spec` after plain steps, the proposer catches up on the tokens
+the rate of a step; a probe that lands on that first call goes on for one more step, which is
+timed. Going back to `spec` after plain steps, the proposer catches up on the tokens
 it skipped: the target's hidden states of those steps are kept and handed to it concatenated, in
 order, as if it had been called every step. Lossless by construction: the wrapper only ever
 sends the method's own draft or nothing, and the verifier decides.
