@@ -16,13 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from specdec_lib import experiments  # noqa: E402
-from specdec_lib.data import grounded, load_prompt_set  # noqa: E402
+from specdec_lib.bench_live import prompt_sets  # noqa: E402
 from specdec_lib.metrics import write_json  # noqa: E402
 from specdec_lib.methods import make_proposer  # noqa: E402
 from specdec_lib.models import load_profile  # noqa: E402
 from specdec_lib.notebook import provenance  # noqa: E402
 
-CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 METHODS = {"draft_model": {"draft_len": 3}, "ngram": {"draft_len": 4}, "pard": {"draft_len": 4},
            "medusa": {}, "eagle3": {}}
 
@@ -37,9 +36,9 @@ def main():
     a = ap.parse_args()
     models = load_profile(a.profile)
     prov = provenance(models)
-    sets = {f"spec_bench:{c}": load_prompt_set(f"spec_bench:{c}", models.tokenizer, a.per_category)
-            for c in CATEGORIES}
-    sets["grounded"] = grounded(models.tokenizer, a.per_category)
+    # the live bench's sets: Spec-Bench's six categories, then the grounded prompts (as many)
+    sets = prompt_sets(models.tokenizer, ["spec_bench", "grounded"], a.per_category, 0)
+    sets["grounded"] = sets["grounded"][:a.per_category]
     # one proposer per arm for the whole run: the back-off's rates carry across requests
     arms, wrapped = [], {}
     for m in a.methods.split(","):
