@@ -21,8 +21,12 @@ costs ~k one-token forwards, one speculative step of a 16-node tree costs ~10 pl
 wait before the next probe is set from what the last probe cost, measured, as a share of a step
 of the winning mode: wait >= cost / overhead, so that probing costs at most `overhead` (5%) of the
 time; and it at least doubles after every probe that does not change the winner, up to max_wait
-steps. The moment a probe changes the winner, the wait drops back to probe_every. The rates and the
-wait carry over from one request to the next: they describe this machine and this method.
+steps. The moment a probe changes the winner, the wait drops back to probe_every. The rates carry
+over from one request to the next (they describe this machine and this method), and so does the
+count of steps since the last probe; the doubling does not: a new request is new text, so its wait
+starts from what the last probe's cost alone asks for (at least probe_every), which on a GPU, where
+a probe costs little, means a probe within the first few steps of every request, and on a CPU,
+where it costs many steps, keeps the long wait.
 
 The first speculative step of a request is not timed: it also catches the proposer up on the
 prompt (a draft model's prefill), a one-off cost counted in the request's wall time but not in
@@ -73,11 +77,14 @@ class MeasuredBackOff:
         self.steps = {m: 0.0 for m in MODES}          # ... and of the steps
         self.timed = {m: 0 for m in MODES}            # timed steps per mode (for the warm-up)
         self.wait, self.since_probe = probe_every, 0  # steps between probes; steps since the last
+        self.need = probe_every                       # the wait the last probe's cost alone asks for
         self.log: list[str] = []                      # the mode of every step of the last request
         self.reset([])
 
     def reset(self, prompt_ids) -> None:
         self.inner.reset(prompt_ids)
+        # new text: drop the doubling, keep what a probe's cost asks for (and the steps since one)
+        self.wait = min(self.wait, max(self.probe_every, self.need))
         self.pending = None            # (mode, time, len(tokens), probe_of, probe_steps) of the step
         #                                in flight, if it is timed
         self.probe_again = None        # a probe whose step was not timed goes on one more step
@@ -107,15 +114,15 @@ class MeasuredBackOff:
         if probe_of is None:
             return
         if self.best() != probe_of:                   # a new winner: probe again soon
-            self.wait = self.probe_every
+            self.wait = self.need = self.probe_every
             return
         # what the probe cost beyond what its tokens were worth at the winner's rate, in steps of
         # the winner: wait long enough that probing costs at most `overhead` of the time
         # (a probe that began the request's first call also paid for an untimed step: count it twice)
         lost = probe_steps * max(0.0, (now - t) - (n_tokens - n) * self.rate(probe_of))
         step = self.seconds[probe_of] / self.steps[probe_of]
-        need = math.ceil(lost / step / self.overhead)
-        self.wait = min(self.max_wait, max(2 * self.wait, need))
+        self.need = min(self.max_wait, math.ceil(lost / step / self.overhead))
+        self.wait = min(self.max_wait, max(2 * self.wait, self.need))
 
     def choose(self) -> tuple[str, str | None]:
         """This step's mode, and the mode it probes against (None unless it is a probe):

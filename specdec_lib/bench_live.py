@@ -459,6 +459,8 @@ def _collect(models, methods, sets, results, peers, curves, runner, new_tokens, 
                          proposer_ms_later_steps=1e3 * sum(later) / max(len(later), 1))
                 s.update(proposer_ms_per_step=1e3 * s["propose_s"] / max(s["steps"], 1),
                          nodes_per_step=s.get("proposed", sum(st.proposed for st in steps)) / max(len(steps), 1),
+                         # the steps that sent a draft at all (a back-off, or an n-gram without a match, sends none)
+                         drafted_share=sum(st.proposed > 0 for st in steps) / max(len(steps), 1),
                          predicted_speedup=pred, loop_efficiency=s["decode_speedup"] / pred if pred else None)
                 peer = PEERS.get(name)
                 if peer in peer_sums:

@@ -26,11 +26,13 @@ class Fixed:
 
 def simulate(spec_cost, spec_tokens, steps, requests=1, **kw):
     """A scripted loop: a spec step takes spec_cost s and appends spec_tokens, a plain one 1 s and
-    1 token. Returns the modes chosen, step by step, over `requests` requests of `steps` steps."""
+    1 token. Returns the modes chosen, step by step, over `requests` requests of `steps` steps.
+    spec_tokens may be a list, one per request (texts that differ)."""
     clock = [0.0]
     w = MeasuredBackOff(Fixed(), clock=lambda: clock[0], **kw)
     log = []
-    for _ in range(requests):
+    per_request = spec_tokens if isinstance(spec_tokens, list) else [spec_tokens] * requests
+    for spec_tokens in per_request:
         tokens = [1, 2, 3]
         w.reset(tokens)
         for _ in range(steps):
@@ -74,6 +76,18 @@ def test_a_probe_on_the_first_call_of_a_request_takes_one_more_step():
     # prompt), so it goes on one more step, which is timed; on a request's last step it cannot
     assert requests == ["." * 12, "..ss" + "." * 8, "." * 11 + "s", "." * 12, "." * 7 + "ss..."]
     assert w.wait == 20 and w.timed["spec"] == 1 + 3   # the warm-up step, three timed probes
+
+
+def test_a_new_request_probes_again_soon():
+    # texts alternate: spec (1.2 s a step) appends 1 token in one request (plain wins), 3 in the
+    # next (spec wins). A probe loses 0.2 s here: what it costs asks for a wait of 4 steps, so each
+    # request starts from max(probe_every, 4) = 8, not from the doubled wait of the last request
+    log, w = simulate(1.2, [1, 3, 1, 3], 100, warmup=1, probe_every=8, max_wait=256)
+    requests = [log[i:i + 100] for i in range(0, 400, 100)]
+    for r, winner in zip(requests[1:], ["spec", "plain", "spec"]):
+        assert r[20:].count(winner) >= 75, r          # the text's winner found in <= 20 steps
+    # with the doubled wait carried over (64 or more by now), a request would keep the last one's mode
+    assert w.wait <= 256
 
 
 def test_spec_wins_when_tokens_come_cheaper():
