@@ -31,7 +31,8 @@ where it costs many steps, keeps the long wait.
 The first speculative step of a request is not timed: it also catches the proposer up on the
 prompt (a draft model's prefill), a one-off cost counted in the request's wall time but not in
 the rate of a step; a probe that lands on that first call goes on for one more step, which is
-timed. Going back to `spec` after plain steps, the proposer catches up on the tokens
+timed, and what the first step cost beyond its tokens (the catch-up included) is added to what
+the probe cost, so the wait it sets pays for the catch-up too. Going back to `spec` after plain steps, the proposer catches up on the tokens
 it skipped: the target's hidden states of those steps are kept and handed to it concatenated, in
 order, as if it had been called every step. Lossless by construction: the wrapper only ever
 sends the method's own draft or nothing, and the verifier decides.
@@ -85,9 +86,11 @@ class MeasuredBackOff:
         self.inner.reset(prompt_ids)
         # new text: drop the doubling, keep what a probe's cost asks for (and the steps since one)
         self.wait = min(self.wait, max(self.probe_every, self.need))
-        self.pending = None            # (mode, time, len(tokens), probe_of, probe_steps) of the step
-        #                                in flight, if it is timed
+        self.pending = None            # (mode, time, len(tokens), probe_of, lost_before) of the step
+        #                                in flight, if it is timed (lost_before: seconds its probe
+        #                                already lost in an untimed first step)
         self.probe_again = None        # a probe whose step was not timed goes on one more step
+        self.first = None              # (time, len(tokens)) when that untimed first step began
         self.called = False            # has the inner proposer been called in this request?
         self.skipped: dict = {}        # layer -> [hidden states of the steps it did not see]
         self.log = []
@@ -107,7 +110,7 @@ class MeasuredBackOff:
         """Time the step that ran since the last call; after a probe, set the wait for the next."""
         if self.pending is None:
             return
-        mode, t, n, probe_of, probe_steps = self.pending
+        mode, t, n, probe_of, lost_before = self.pending
         for sums, x in ((self.seconds, now - t), (self.tokens, n_tokens - n), (self.steps, 1)):
             sums[mode] = self.decay * sums[mode] + x
         self.timed[mode] += 1
@@ -118,8 +121,8 @@ class MeasuredBackOff:
             return
         # what the probe cost beyond what its tokens were worth at the winner's rate, in steps of
         # the winner: wait long enough that probing costs at most `overhead` of the time
-        # (a probe that began the request's first call also paid for an untimed step: count it twice)
-        lost = probe_steps * max(0.0, (now - t) - (n_tokens - n) * self.rate(probe_of))
+        # (plus what an untimed first step of the same probe lost: the proposer's catch-up)
+        lost = lost_before + max(0.0, (now - t) - (n_tokens - n) * self.rate(probe_of))
         step = self.seconds[probe_of] / self.steps[probe_of]
         self.need = min(self.max_wait, math.ceil(lost / step / self.overhead))
         self.wait = min(self.max_wait, max(2 * self.wait, self.need))
@@ -143,13 +146,16 @@ class MeasuredBackOff:
     def propose(self, ctx) -> Draft:
         now = self.clock()
         self._record(now, len(ctx.tokens))
-        continued = self.probe_again is not None       # the second step of a probe
+        lost_before = 0.0
+        if self.probe_again is not None:               # the second step of a probe: what the first lost
+            t0, n0 = self.first
+            lost_before = max(0.0, (now - t0) - (len(ctx.tokens) - n0) * self.rate(self.probe_again))
         mode, probe_of = self.choose()
         self.log.append(mode)
         if mode == "plain":
             for k, v in ctx.hidden.items():           # kept (copied: a graph's buffers are reused)
                 self.skipped.setdefault(k, []).append(v.clone())
-            self.pending = (mode, now, len(ctx.tokens), probe_of, 1)
+            self.pending = (mode, now, len(ctx.tokens), probe_of, 0.0)
             return Draft.empty()
         if self.skipped:                              # what it missed, then this step's rows
             hidden = {k: torch.cat(self.skipped[k] + [ctx.hidden[k]]) for k in ctx.hidden}
@@ -161,9 +167,9 @@ class MeasuredBackOff:
         # the first call of a request also catches up on the prompt: paid, but not a step's rate.
         # A probe that landed on it goes on for a step that can be timed.
         if first:
-            self.pending, self.probe_again = None, probe_of
+            self.pending, self.probe_again, self.first = None, probe_of, (now, len(ctx.tokens))
         else:
-            self.pending = (mode, now, len(ctx.tokens), probe_of, 2 if continued else 1)
+            self.pending = (mode, now, len(ctx.tokens), probe_of, lost_before)
         return draft
 
 

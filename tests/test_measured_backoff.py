@@ -78,6 +78,43 @@ def test_a_probe_on_the_first_call_of_a_request_takes_one_more_step():
     assert w.wait == 20 and w.timed["spec"] == 1 + 3   # the warm-up step, three timed probes
 
 
+class CatchUp(Fixed):
+    """Drafts like Fixed; its first call of a request costs `catch` s more (a draft model's prefill)."""
+
+    def __init__(self, clock, catch):
+        self.clock, self.catch, self.fresh = clock, catch, True
+
+    def reset(self, prompt_ids):
+        self.fresh = True
+
+    def propose(self, ctx):
+        if self.fresh:
+            self.clock[0] += self.catch
+            self.fresh = False
+        return super().propose(ctx)
+
+
+def test_a_probe_that_pays_a_catch_up_waits_longer():
+    # plain wins (spec: 3 s for 2 tokens); probes are the proposer's first call of a request, so
+    # each also pays the catch-up: what it costs goes into the wait (5% overhead: 20 s lost -> 400)
+    waits = {}
+    for catch in (0.0, 20.0):
+        clock = [0.0]
+        w = MeasuredBackOff(CatchUp(clock, catch), clock=lambda: clock[0], warmup=1, probe_every=4,
+                            max_wait=1000)
+        for _ in range(4):
+            tokens = [1, 2, 3]
+            w.reset(tokens)
+            for _ in range(30):
+                ctx = Context(list(tokens), 3, max_draft=8, params=SamplingParams(0.0), generator=None)
+                spec = len(w.propose(ctx)) > 0
+                clock[0] += 3.0 if spec else 1.0
+                tokens += [5] * (2 if spec else 1)
+        waits[catch] = w.need
+    # one probe over two steps: 1 s lost in each, plus the catch-up in the first
+    assert waits[0.0] == 40 and waits[20.0] == 440
+
+
 def test_a_new_request_probes_again_soon():
     # texts alternate: spec (1.2 s a step) appends 1 token in one request (plain wins), 3 in the
     # next (spec wins). A probe loses 0.2 s here: what it costs asks for a wait of 4 steps, so each
