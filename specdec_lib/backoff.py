@@ -32,10 +32,11 @@ The first speculative step of a request is not timed: it also catches the propos
 prompt (a draft model's prefill), a one-off cost counted in the request's wall time but not in
 the rate of a step; a probe that lands on that first call goes on for one more step, which is
 timed, and what the first step cost beyond its tokens (the catch-up included) is added to what
-the probe cost, so the wait it sets pays for the catch-up too. Going back to `spec` after plain steps, the proposer catches up on the tokens
-it skipped: the target's hidden states of those steps are kept and handed to it concatenated, in
-order, as if it had been called every step. Lossless by construction: the wrapper only ever
-sends the method's own draft or nothing, and the verifier decides.
+the probe cost, so the wait it sets pays for the catch-up too. Going back to `spec` after plain
+steps, the proposer catches up on the tokens it skipped: the target's hidden states of those steps
+are kept and handed to it concatenated, in order, as if it had been called every step. Lossless
+by construction: the wrapper only ever sends the method's own draft or nothing, and the verifier
+decides.
 """
 from __future__ import annotations
 
@@ -89,8 +90,9 @@ class MeasuredBackOff:
         self.pending = None            # (mode, time, len(tokens), probe_of, lost_before) of the step
         #                                in flight, if it is timed (lost_before: seconds its probe
         #                                already lost in an untimed first step)
-        self.probe_again = None        # a probe whose step was not timed goes on one more step
-        self.first = None              # (time, len(tokens)) when that untimed first step began
+        self.probe_again = None        # a probe whose first step was not timed goes on one more
+        #                                step: (the mode it probes against, time, len(tokens)) of
+        #                                that untimed step
         self.called = False            # has the inner proposer been called in this request?
         self.skipped: dict = {}        # layer -> [hidden states of the steps it did not see]
         self.log = []
@@ -131,7 +133,7 @@ class MeasuredBackOff:
         """This step's mode, and the mode it probes against (None unless it is a probe):
         the warm-up (spec, then plain), then the faster mode, the other one every `wait` steps."""
         if self.probe_again is not None:              # the probe's first step was not timed
-            best, self.probe_again = self.probe_again, None
+            best, self.probe_again = self.probe_again[0], None
             return "spec", best
         for mode in MODES:
             if self.timed[mode] < self.warmup:
@@ -148,8 +150,8 @@ class MeasuredBackOff:
         self._record(now, len(ctx.tokens))
         lost_before = 0.0
         if self.probe_again is not None:               # the second step of a probe: what the first lost
-            t0, n0 = self.first
-            lost_before = max(0.0, (now - t0) - (len(ctx.tokens) - n0) * self.rate(self.probe_again))
+            best, t0, n0 = self.probe_again
+            lost_before = max(0.0, (now - t0) - (len(ctx.tokens) - n0) * self.rate(best))
         mode, probe_of = self.choose()
         self.log.append(mode)
         if mode == "plain":
@@ -167,7 +169,8 @@ class MeasuredBackOff:
         # the first call of a request also catches up on the prompt: paid, but not a step's rate.
         # A probe that landed on it goes on for a step that can be timed.
         if first:
-            self.pending, self.probe_again, self.first = None, probe_of, (now, len(ctx.tokens))
+            self.pending = None
+            self.probe_again = None if probe_of is None else (probe_of, now, len(ctx.tokens))
         else:
             self.pending = (mode, now, len(ctx.tokens), probe_of, lost_before)
         return draft

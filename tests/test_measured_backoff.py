@@ -96,7 +96,8 @@ class CatchUp(Fixed):
 
 def test_a_probe_that_pays_a_catch_up_waits_longer():
     # plain wins (spec: 3 s for 2 tokens); probes are the proposer's first call of a request, so
-    # each also pays the catch-up: what it costs goes into the wait (5% overhead: 20 s lost -> 400)
+    # each also pays the catch-up: what it costs goes into the wait (at 5% overhead, 1 s lost asks
+    # for 20 steps of 1 s)
     waits = {}
     for catch in (0.0, 20.0):
         clock = [0.0]
