@@ -31,6 +31,8 @@ def simulate(spec_cost, spec_tokens, steps, requests=1, **kw):
     clock = [0.0]
     w = MeasuredBackOff(Fixed(), clock=lambda: clock[0], **kw)
     log = []
+    if isinstance(spec_tokens, list) and requests != 1:
+        raise ValueError("give either a list of spec_tokens (one per request) or requests")
     per_request = spec_tokens if isinstance(spec_tokens, list) else [spec_tokens] * requests
     for spec_tokens in per_request:
         tokens = [1, 2, 3]
@@ -124,8 +126,10 @@ def test_a_new_request_probes_again_soon():
     requests = [log[i:i + 100] for i in range(0, 400, 100)]
     for r, winner in zip(requests[1:], ["spec", "plain", "spec"]):
         assert r[20:].count(winner) >= 75, r          # the text's winner found in <= 20 steps
-    # with the doubled wait carried over (64 or more by now), a request would keep the last one's mode
-    assert w.wait <= 256
+    # with the doubled wait carried over (64 or more by now), a request would keep the last one's mode:
+    # a new request starts from what the last probe's cost asks for, at least probe_every
+    w.reset([1, 2, 3])
+    assert w.wait == max(8, w.need) < 64
 
 
 def test_spec_wins_when_tokens_come_cheaper():
