@@ -4,6 +4,7 @@ at least break even on this machine, whatever its cost curve? (issue 12's CPU go
 
     python tools/backoff_cpu.py --profile small --per-category 1 --new-tokens 48 \
         --out chapters/results/03_ngram/cpu_measured_backoff.json
+    python tools/backoff_cpu.py ... --sets mt_bench,rag,grounded --out .../cpu_measured_backoff_long.json
 
 Writes one summary per (prompt set, method) in the results schema (speedup against the baseline of
 the same prompts and run; `greedy_match_rate`), plus `spec_share`: the fraction of steps the
@@ -32,6 +33,9 @@ def main():
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--sets", default="",
+                    help="comma-separated prompt sets to run, in this order (default: all); the first "
+                         "set of a process is where the back-off warms up")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     models = load_profile(a.profile)
@@ -39,6 +43,11 @@ def main():
     # the live bench's sets: Spec-Bench's six categories, then the grounded prompts (as many)
     sets = prompt_sets(models.tokenizer, ["spec_bench", "grounded"], a.per_category, 0)
     sets["grounded"] = sets["grounded"][:a.per_category]
+    if a.sets:
+        unknown = [n for n in a.sets.split(",") if n not in sets]
+        if unknown:
+            raise SystemExit(f"unknown prompt set(s) {unknown}; known: {list(sets)}")
+        sets = {n: sets[n] for n in a.sets.split(",")}
     # one proposer per arm for the whole run: the back-off's rates carry across requests
     arms, wrapped = [], {}
     for m in a.methods.split(","):
