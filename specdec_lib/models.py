@@ -145,12 +145,12 @@ def tokenizer_dir() -> Path:
             return out
         try:
             out.mkdir(parents=True, exist_ok=True)
-            for f in TOKENIZER_DIR.iterdir():
-                if f != packed:
-                    (out / f.name).write_bytes(f.read_bytes())
-            part = out / f"tokenizer.json.{os.getpid()}"            # then renamed: never half-written
-            part.write_bytes(lzma.decompress(data))
-            part.replace(out / "tokenizer.json")
+            files = {f.name: f.read_bytes() for f in TOKENIZER_DIR.iterdir() if f != packed}
+            files["tokenizer.json"] = lzma.decompress(data)          # written last: it marks "done"
+            for fname, content in files.items():
+                part = out / f"{fname}.{os.getpid()}"                 # then renamed: a process that
+                part.write_bytes(content)                             # unpacks at the same time never
+                part.replace(out / fname)                             # reads a half-written file
             return out
         except OSError:
             continue
