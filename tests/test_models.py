@@ -141,3 +141,12 @@ def test_the_shipped_tokenizer_unpacks_once(tmp_path, monkeypatch):
     assert {f.name for f in d.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     stamp = (d / "tokenizer.json").stat().st_mtime_ns
     assert m.tokenizer_dir() == d and (d / "tokenizer.json").stat().st_mtime_ns == stamp
+
+
+def test_the_tokenizer_unpacks_to_the_temporary_folder_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")                               # a file where the cache folder would go
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(m.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    d = m.tokenizer_dir()
+    assert d.parent == tmp_path / "tmp" / "specdec" and (d / "tokenizer.json").exists()
