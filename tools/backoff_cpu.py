@@ -8,7 +8,8 @@ at least break even on this machine, whatever its cost curve? (issue 12's CPU go
 
 Writes one summary per (prompt set, method) in the results schema (speedup against the baseline of
 the same prompts and run; `greedy_match_rate`), plus `spec_share`: the fraction of steps the
-back-off let the method draft. Progress on stderr (tqdm).
+back-off let the method draft, and the back-off's settings (`backoff_max_wait`, `backoff_overhead`,
+`backoff_probe_every`: defaults change between versions). Progress on stderr (tqdm).
 """
 import argparse
 import json
@@ -70,6 +71,9 @@ def main():
             if s["method"] in spec_steps:
                 n_spec, n = spec_steps[s["method"]]
                 s["spec_share"] = n_spec / max(n, 1)
+                w = wrapped[s["method"]]          # the settings that measured it (defaults change)
+                s.update(backoff_max_wait=w.max_wait, backoff_overhead=w.overhead,
+                         backoff_probe_every=w.probe_every)
             s.update(prov)
             rows.append(s)
             print(f"{name:<28}{s['method']:<20}{s['speedup']:>6.2f}x  tau {s['mean_accepted_len']:.2f}"
