@@ -32,6 +32,7 @@ from .costmodel import expected_tokens_per_step, relative_cost
 from .metrics import write_json
 from .models import QWEN25_0_5B, QWEN25_1_5B, QWEN25_7B, TINY_TARGET, machine_name
 from .qwen2 import count_parameters, random_model
+from .timing import cpu_time
 from .tree import chain_inputs
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -49,14 +50,7 @@ def batch_inputs(prefix_len: int, batch: int, k: int, vocab: int, device="cpu"):
 
 
 def _time_cpu(fn, reps: int) -> float:
-    """The fastest of reps runs after a warm-up: on a shared CPU, the least disturbed one."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return cpu_time(fn, reps)                      # the fastest of reps runs after a warm-up
 
 
 def _time_cuda_graph(fn, reps: int) -> float:

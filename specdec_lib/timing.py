@@ -1,4 +1,4 @@
-"""GPU timing with CUDA events (its own module, so kernels.py and cuda_graphs.py both import it
+"""Timing: on the GPU with CUDA events, on the CPU the best of a few runs (its own module, so kernels.py and cuda_graphs.py both import it
 without importing each other)."""
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ def cuda_time(fn, reps: int = 20, warmup: int = 3, before=None) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def cpu_time(fn, reps: int = 3, warmup: int = 1) -> float:
+    """The fastest of reps runs of fn() after warmup untimed ones: on a shared CPU, the least
+    disturbed one."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def phase_printer(prefix: str = "", enabled: bool = True):

@@ -13,7 +13,6 @@ than `overhead` of the time.
 import argparse
 import inspect
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,18 +24,9 @@ from specdec_lib.decoding import prefill  # noqa: E402
 from specdec_lib.metrics import write_json  # noqa: E402
 from specdec_lib.models import load_profile  # noqa: E402
 from specdec_lib.notebook import provenance  # noqa: E402
+from specdec_lib.timing import cpu_time  # noqa: E402
 
 SETS = ("spec_bench:mt_bench", "spec_bench:rag", "grounded")
-
-
-@torch.no_grad()
-def best_of(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 @torch.no_grad()
@@ -44,7 +34,7 @@ def catch_up_s(model, ids: list[int]) -> float:
     """One prefill of ids into a fresh cache (what a draft model's first call does)."""
     def run():
         prefill(model, torch.tensor([ids]), model.new_cache(len(ids) + 1), logits=False)
-    return best_of(run)
+    return cpu_time(run, reps=3, warmup=0)
 
 
 @torch.no_grad()
@@ -56,7 +46,7 @@ def step_s(model, ids: list[int]) -> float:
     def run():
         prefill(model, torch.tensor([ids[-1:]]), cache)
         cache.length -= 1                            # the same position each time
-    return best_of(run)
+    return cpu_time(run, reps=3, warmup=0)
 
 
 def main():
