@@ -1,0 +1,71 @@
+"""bf16 against float32 on this CPU: a prefill, a 1-token step and a k-token step of the real pair.
+
+    python tools/cpu_dtype_costs.py [--prefix 256] [--out FILE.json]
+
+The course runs the real models in bf16 on a CPU because a decode step reads half the bytes
+(`models.default_dtype`). A prefill and a k-token verify step are compute-bound instead, and a
+CPU without bf16 arithmetic (AVX2) may then do better in float32. This times, for each dtype, the
+0.5B's prefill of `prefix` prompt tokens (what a draft model's catch-up costs), the 1.5B's and
+the 0.5B's 1-token step after it, and the 1.5B's k-token steps (c(k) = t(k) / t(1)); best of 3.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from specdec_lib.bench_live import prompt_sets  # noqa: E402
+from specdec_lib.decoding import prefill  # noqa: E402
+from specdec_lib.metrics import write_json  # noqa: E402
+from specdec_lib.models import load_profile  # noqa: E402
+from specdec_lib.notebook import provenance  # noqa: E402
+from specdec_lib.timing import cpu_time  # noqa: E402
+
+KS = (1, 2, 4, 8, 16)
+
+
+@torch.no_grad()
+def step_s(model, ids: list[int], k: int) -> float:
+    """A k-token step after ids (the same positions each time: the cache is wound back)."""
+    cache = model.new_cache(len(ids) + k)
+    prefill(model, torch.tensor([ids]), cache, logits=False)
+
+    def run():
+        prefill(model, torch.tensor([ids[:k]]), cache)
+        cache.length -= k
+    return cpu_time(run, reps=3, warmup=1)
+
+
+@torch.no_grad()
+def prefill_s(model, ids: list[int]) -> float:
+    return cpu_time(lambda: prefill(model, torch.tensor([ids]), model.new_cache(len(ids)), logits=False),
+                    reps=2, warmup=0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="small")
+    ap.add_argument("--prefix", type=int, default=256)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        models = load_profile(a.profile, "cpu", dtype=dtype)
+        ids = prompt_sets(models.tokenizer, ["spec_bench"], 1, 0)["spec_bench:rag"][0].prompt_ids
+        ids = ids[:a.prefix]
+        t = {k: step_s(models.target, ids, k) for k in KS}
+        row = dict(provenance(models), prefix=len(ids), draft_prefill_s=prefill_s(models.draft, ids),
+                   draft_step_s=step_s(models.draft, ids, 1), target_step_s={str(k): v for k, v in t.items()})
+        rows.append(row)
+        print(f"{row['dtype']:<9} 0.5B prefill of {len(ids)} tokens {row['draft_prefill_s']:6.2f} s "
+              f"({row['draft_prefill_s'] / len(ids) * 1e3:4.1f} ms a token); 0.5B step "
+              f"{row['draft_step_s'] * 1e3:4.0f} ms; 1.5B t(1) {t[1] * 1e3:4.0f} ms, "
+              + " ".join(f"c({k}) {t[k] / t[1]:.2f}" for k in KS[1:]), flush=True)
+        del models
+    if a.out:
+        write_json(Path(a.out), rows)
+
+
+if __name__ == "__main__":
+    main()
