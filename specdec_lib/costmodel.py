@@ -168,6 +168,28 @@ def measure_forward_time(model, k: int, prefix_len: int, repeats: int = 3, cache
     return sorted(times[1:])[len(times[1:]) // 2], cache
 
 
+def measure_prefill_time(model, n_tokens: int, repeats: int = 2) -> float:
+    """Best of `repeats` seconds of one prefill of n_tokens into a fresh cache: what a draft model
+    pays when it first catches up on a context (no warm-up run: on a CPU one can take seconds)."""
+    import time
+    import torch
+    from .decoding import prefill
+    ids = torch.randint(0, 150000, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = model.new_cache(n_tokens)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            prefill(model, ids, cache, logits=False)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def measure_cost_curve(model, ks=(1, 2, 4, 8, 16, 32, 64), prefix_len: int = 1024, repeats: int = 3,
                        progress: bool = True, run: dict | None = None) -> dict:
     """c(k) = t(k) / t(1) for a forward of k new tokens after prefix_len cached tokens.

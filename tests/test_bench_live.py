@@ -173,6 +173,17 @@ def test_cost_curve_through_a_runner(tiny_target):
         measure_cost_curve(tiny_target, ks=(1, 64), prefix_len=16, repeats=1, progress=False, run=run)
 
 
+def test_prefill_time_fills_a_fresh_cache(tiny_target, monkeypatch):
+    """measure_prefill_time: each repeat one prefill of n tokens into a cache of its own (a draft
+    model's catch-up); no timing is asserted."""
+    from specdec_lib import costmodel, decoding
+    seen, real = [], decoding.prefill
+    monkeypatch.setattr(decoding, "prefill", lambda m, ids, cache, **kw: seen.append(
+        (ids.shape[1], cache.length, cache.max_len)) or real(m, ids, cache, **kw))
+    assert costmodel.measure_prefill_time(tiny_target, 20, repeats=2) > 0
+    assert seen == [(20, 0, 20)] * 2
+
+
 def test_harness_through_a_runner_equals_the_plain_path():
     """experiments.compare with run= (a GraphRunner's forward, cache and static width; on a CPU it
     runs the padded buckets eagerly) gives the plain path's tokens for every arm (float32)."""

@@ -4,7 +4,8 @@ at least break even on this machine, whatever its cost curve? (issue 12's CPU go
 
     python tools/backoff_cpu.py --profile small --per-category 1 --new-tokens 48 \
         --out chapters/results/03_ngram/cpu_measured_backoff.json
-    python tools/backoff_cpu.py ... --sets mt_bench,rag,grounded --out .../cpu_measured_backoff_long.json
+    python tools/backoff_cpu.py ... --sets spec_bench:mt_bench,spec_bench:rag,grounded \
+        --out .../cpu_measured_backoff_long.json
 
 Writes one summary per (prompt set, method) in the results schema (speedup against the baseline of
 the same prompts and run; `greedy_match_rate`), plus `spec_share`: the fraction of steps the

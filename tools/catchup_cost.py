@@ -6,7 +6,8 @@ After plain steps, a probe of a draft model (or PARD) is the proposer's first ca
 0.5B first catches up on the whole context (one prefill), then drafts. The back-off counts that
 catch-up in what the probe cost and waits `cost / step / overhead` steps before the next one, at
 most `max_wait`. This times, for the first prompt of three sets (short, long, grounded), the 0.5B's
-prefill of the prompt and one 1-token step of the target after it (best of 3), and prints the wait
+prefill of as many tokens as the prompt (best of 3) and one 1-token step of the target after
+that many (`costmodel.measure_forward_time`), and prints the wait
 the 5% rule asks for against the wrapper's max_wait: where the cap is shorter, probes cost more
 than `overhead` of the time.
 """
@@ -15,38 +16,15 @@ import inspect
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from specdec_lib.backoff import MeasuredBackOff  # noqa: E402
 from specdec_lib.bench_live import prompt_sets  # noqa: E402
-from specdec_lib.decoding import prefill  # noqa: E402
+from specdec_lib.costmodel import measure_forward_time, measure_prefill_time  # noqa: E402
 from specdec_lib.metrics import write_json  # noqa: E402
 from specdec_lib.models import load_profile  # noqa: E402
 from specdec_lib.notebook import provenance  # noqa: E402
-from specdec_lib.timing import cpu_time  # noqa: E402
 
 SETS = ("spec_bench:mt_bench", "spec_bench:rag", "grounded")
-
-
-@torch.no_grad()
-def catch_up_s(model, ids: list[int]) -> float:
-    """One prefill of ids into a fresh cache (what a draft model's first call does)."""
-    def run():
-        prefill(model, torch.tensor([ids]), model.new_cache(len(ids) + 1), logits=False)
-    return cpu_time(run, reps=3, warmup=0)
-
-
-@torch.no_grad()
-def step_s(model, ids: list[int]) -> float:
-    """One 1-token step after ids (a plain step of the loop, its logits included)."""
-    cache = model.new_cache(len(ids) + 4)
-    prefill(model, torch.tensor([ids[:-1]]), cache, logits=False)
-
-    def run():
-        prefill(model, torch.tensor([ids[-1:]]), cache)
-        cache.length -= 1                            # the same position each time
-    return cpu_time(run, reps=3, warmup=0)
 
 
 def main():
@@ -61,7 +39,8 @@ def main():
     rows = []
     for name in SETS:
         ids = sets[name][0].prompt_ids
-        c, s = catch_up_s(models.draft, ids), step_s(models.target, ids)
+        c = measure_prefill_time(models.draft, len(ids), repeats=3)
+        s = measure_forward_time(models.target, 1, len(ids))[0]
         need = c / s / overhead
         rows.append(dict(provenance(models), prompt_set=name, prompt_tokens=len(ids), catch_up_s=c,
                          step_s=s, steps_worth=c / s, wait_asked=need, max_wait=max_wait,

@@ -5,8 +5,9 @@
 The course runs the real models in bf16 on a CPU because a decode step reads half the bytes
 (`models.default_dtype`). A prefill and a k-token verify step are compute-bound instead, and a
 CPU without bf16 arithmetic (AVX2) may then do better in float32. This times, for each dtype, the
-0.5B's prefill of `prefix` prompt tokens (what a draft model's catch-up costs), the 1.5B's and
-the 0.5B's 1-token step after it, and the 1.5B's k-token steps (c(k) = t(k) / t(1)); best of 3.
+0.5B's prefill of `prefix` tokens (what a draft model's catch-up costs; best of 2), the 0.5B's
+1-token step after that many, and the 1.5B's k-token steps (c(k) = t(k) / t(1); the median of 3,
+`costmodel.measure_cost_curve`).
 """
 import argparse
 import sys
@@ -15,32 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from specdec_lib.bench_live import prompt_sets  # noqa: E402
-from specdec_lib.decoding import prefill  # noqa: E402
+from specdec_lib.costmodel import measure_cost_curve, measure_forward_time, measure_prefill_time  # noqa: E402
 from specdec_lib.metrics import write_json  # noqa: E402
 from specdec_lib.models import load_profile  # noqa: E402
 from specdec_lib.notebook import provenance  # noqa: E402
-from specdec_lib.timing import cpu_time  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)
-
-
-@torch.no_grad()
-def step_s(model, ids: list[int], k: int) -> float:
-    """A k-token step after ids (the same positions each time: the cache is wound back)."""
-    cache = model.new_cache(len(ids) + k)
-    prefill(model, torch.tensor([ids]), cache, logits=False)
-
-    def run():
-        prefill(model, torch.tensor([ids[:k]]), cache)
-        cache.length -= k
-    return cpu_time(run, reps=3, warmup=1)
-
-
-@torch.no_grad()
-def prefill_s(model, ids: list[int]) -> float:
-    return cpu_time(lambda: prefill(model, torch.tensor([ids]), model.new_cache(len(ids)), logits=False),
-                    reps=2, warmup=0)
 
 
 def main():
@@ -52,14 +33,15 @@ def main():
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         models = load_profile(a.profile, "cpu", dtype=dtype)
-        ids = prompt_sets(models.tokenizer, ["spec_bench"], 1, 0)["spec_bench:rag"][0].prompt_ids
-        ids = ids[:a.prefix]
-        t = {k: step_s(models.target, ids, k) for k in KS}
-        row = dict(provenance(models), prefix=len(ids), draft_prefill_s=prefill_s(models.draft, ids),
-                   draft_step_s=step_s(models.draft, ids, 1), target_step_s={str(k): v for k, v in t.items()})
+        n = a.prefix
+        curve = measure_cost_curve(models.target, KS, prefix_len=n, progress=False)
+        t = dict(zip(KS, curve["time_s"]))
+        row = dict(provenance(models), prefix=n, draft_prefill_s=measure_prefill_time(models.draft, n),
+                   draft_step_s=measure_forward_time(models.draft, 1, n)[0],
+                   target_step_s={str(k): v for k, v in t.items()})
         rows.append(row)
-        print(f"{row['dtype']:<9} 0.5B prefill of {len(ids)} tokens {row['draft_prefill_s']:6.2f} s "
-              f"({row['draft_prefill_s'] / len(ids) * 1e3:4.1f} ms a token); 0.5B step "
+        print(f"{row['dtype']:<9} 0.5B prefill of {n} tokens {row['draft_prefill_s']:6.2f} s "
+              f"({row['draft_prefill_s'] / n * 1e3:4.1f} ms a token); 0.5B step "
               f"{row['draft_step_s'] * 1e3:4.0f} ms; 1.5B t(1) {t[1] * 1e3:4.0f} ms, "
               + " ".join(f"c({k}) {t[k] / t[1]:.2f}" for k in KS[1:]), flush=True)
         del models
